@@ -1,0 +1,67 @@
+"""Tiny random models of every supported family, built from config objects (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+FAMILIES = ("llama", "mistral", "qwen2", "phi3", "phi")
+
+_COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def tiny_config(family: str, **overrides):
+    kw = dict(_COMMON, **overrides)
+    if family == "llama":
+        return tf.LlamaConfig(**kw, tie_word_embeddings=False)
+    if family == "mistral":
+        return tf.MistralConfig(**kw, sliding_window=None, tie_word_embeddings=False)
+    if family == "qwen2":
+        return tf.Qwen2Config(**kw, tie_word_embeddings=False)
+    if family == "phi3":
+        return tf.Phi3Config(**kw, pad_token_id=0, tie_word_embeddings=False)
+    if family == "phi":
+        return tf.PhiConfig(**kw, tie_word_embeddings=False)
+    raise ValueError(family)
+
+
+_CLASSES = {
+    "llama": tf.LlamaForCausalLM,
+    "mistral": tf.MistralForCausalLM,
+    "qwen2": tf.Qwen2ForCausalLM,
+    "phi3": tf.Phi3ForCausalLM,
+    "phi": tf.PhiForCausalLM,
+}
+
+
+def tiny_model(family: str, seed: int = 0, attn_implementation: str = "eager", **overrides):
+    """A random-init model in fp32, eval mode; biases randomised so that bias handling is tested."""
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    config._attn_implementation = attn_implementation
+    cls = _CLASSES[family]
+    config.architectures = [cls.__name__]
+    model = cls(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+            elif "norm" in name and p.dim() == 1:
+                p.uniform_(0.5, 1.5)  # non-trivial norm weights
+    return model.eval()
+
+
+def tiny_inputs(vocab_size: int = 96, batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, seq), generator=gen)

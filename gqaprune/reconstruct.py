@@ -1,0 +1,70 @@
+"""Least-squares repair of a consuming projection after some of its inputs are removed.
+
+With C = X^T X the Gram matrix of the projection's inputs over the calibration
+tokens (float64) and K the kept input indices, the kept weight that best
+reproduces the original output W X from X_K is
+
+    W_new = W C[:, K] (C[K, K] + lambda I)^-1,   lambda = damp * mean(diag C[K, K])
+
+(GPTQ-style damping). Errors are relative output errors ||W X - W' X_K||^2 / ||W X||^2,
+computed from C without the activations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def relative_error(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, w_kept: torch.Tensor) -> float:
+    """||W X - W_kept X_K||^2 / ||W X||^2 from the Gram matrix; w (out, in), w_kept (out, |K|)."""
+    w = w.double()
+    d = w.clone()
+    d[:, keep] -= w_kept.double()
+    num = torch.einsum("oi,ij,oj->", d, c, d)
+    den = torch.einsum("oi,ij,oj->", w, c, w)
+    return float(num / den.clamp_min(1e-300))
+
+
+def solve_kept_weight(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The least-squares W_new (out, |K|) in float64; falls back to a pseudo-inverse if C[K,K] is singular."""
+    w = w.double()
+    c_kk = c[keep][:, keep]
+    lam = damp * float(torch.diagonal(c_kk).mean().clamp_min(1e-12))
+    a = c_kk + lam * torch.eye(len(keep), dtype=c.dtype)
+    rhs = (w @ c[:, keep]).T  # (|K|, out)
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        sol = torch.cholesky_solve(rhs, chol)
+    else:  # kept block not positive definite even after damping: least-norm solution
+        sol = torch.linalg.pinv(a) @ rhs
+    return sol.T  # (out, |K|)
+
+
+def repair(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, dict]:
+    """Kept weight in w's dtype, and the relative errors of plain slicing and of the solve."""
+    keep = keep.to(torch.long).cpu()
+    w_cpu = w.detach().cpu()
+    new = solve_kept_weight(w_cpu, c, keep, damp)
+    err_slice = relative_error(w_cpu, c, keep, w_cpu[:, keep])
+    err_ls = relative_error(w_cpu, c, keep, new)
+    if err_ls > err_slice:  # damping can, rarely, lose to slicing: never make the layer worse
+        new, err_ls = w_cpu[:, keep].double(), err_slice
+    return new.to(dtype=w.dtype, device=w.device), {"rel_error_slice": err_slice, "rel_error_lsq": err_ls}
+
+
+def obs_block_costs(w: torch.Tensor, c: torch.Tensor, blocks: list[torch.Tensor], damp: float = 0.01) -> torch.Tensor:
+    """OBS-style error of removing each block of inputs alone (others repaired by least squares).
+
+    With H = C + lambda I and P = H^-1, removing block B and re-solving the rest raises the
+    output error by tr(W_B' (P_BB)^-1 W_B'^T) where W' is the least-squares optimum of the full set
+    (here W itself, since all inputs are kept). Lower cost = safer to remove.
+    """
+    w = w.detach().double().cpu()
+    lam = damp * float(torch.diagonal(c).mean().clamp_min(1e-12))
+    p = torch.linalg.pinv(c + lam * torch.eye(c.shape[0], dtype=c.dtype))
+    costs = []
+    for b in blocks:
+        wb = w[:, b]  # (out, |B|)
+        pbb_inv = torch.linalg.pinv(p[b][:, b])
+        costs.append(torch.einsum("oi,ij,oj->", wb, pbb_inv, wb))
+    return torch.stack(costs).float()

@@ -1,0 +1,213 @@
+"""Importance statistics gathered over calibration batches.
+
+One pass (`collect_stats`) runs the calibration windows through the model and,
+as asked, accumulates:
+- first- and second-order Taylor terms |w*g| and (w*g)^2/2, reduced to row and
+  column sums of every watched Linear as each gradient arrives (the gradient is
+  then freed, so no extra copy of the weights' gradients is ever held);
+- per-channel input statistics of the consuming projections (o for heads, down
+  for MLP channels): sum of squares, mean per-head norm, firing counts;
+- Gram matrices C = X^T X of those inputs in float64 (for least squares).
+Scores of heads, groups and channels are then read off these sums.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gqaprune.adapters import Adapter, decoder_layers, get_module, head_dim_of, layer_shape
+
+
+@dataclass
+class LinearSums:
+    rows: torch.Tensor  # (out,) sum over input columns (+ bias term)
+    cols: torch.Tensor  # (in,)
+
+
+@dataclass
+class Stats:
+    taylor: dict[str, LinearSums] = field(default_factory=dict)  # param-owner path -> sums of |w*g|
+    taylor2: dict[str, LinearSums] = field(default_factory=dict)  # sums of (w*g)^2 / 2
+    sq: dict[str, torch.Tensor] = field(default_factory=dict)  # input path -> (in,) sum of x^2 over tokens
+    head_norm: dict[str, torch.Tensor] = field(default_factory=dict)  # o path -> (heads,) sum over tokens of ||x_h||
+    fire: dict[str, torch.Tensor] = field(default_factory=dict)  # input path -> (in,) count |x| > threshold
+    gram: dict[str, torch.Tensor] = field(default_factory=dict)  # input path -> (in, in) float64
+    tokens: int = 0
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def role_paths(adapter: Adapter, layer_idx: int, roles: list[str]) -> dict[str, str]:
+    """role -> full module path for the roles this adapter has."""
+    out = {}
+    for role in roles:
+        p = getattr(adapter.layer, role)
+        if p is not None:
+            out[role] = f"{adapter.model.layers}.{layer_idx}.{p}"
+    return out
+
+
+def collect_stats(model: nn.Module, batches: torch.Tensor, *, taylor_paths: list[str] = (), taylor2: bool = False,
+                  input_paths: list[str] = (), gram: bool = False, fire_threshold: float | None = None,
+                  head_dim: int | None = None, batch_size: int = 8, progress: bool = True,
+                  desc: str = "scoring") -> Stats:
+    """One pass over ``batches`` (N, T) collecting what the scores need."""
+    stats = Stats()
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    need_grad = bool(taylor_paths)
+    handles = []
+    saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def grad_hook_for(path: str, is_bias: bool, weight_param: nn.Parameter | None = None):
+        def hook(p: torch.Tensor):
+            prod = (p.detach() * p.grad).float()  # w * dL/dw
+            p.grad = None  # reduce as it arrives; never keep the gradient
+            for store, val in ((stats.taylor, prod.abs()), (stats.taylor2, prod.pow(2) / 2) if taylor2 else (None, None)):
+                if store is None:
+                    continue
+                if is_bias:
+                    store[path].rows += val
+                else:
+                    store[path].rows += val.sum(1)
+                    store[path].cols += val.sum(0)
+        return hook
+
+    for path in taylor_paths:
+        lin = model.get_submodule(path)
+        out_f, in_f = lin.weight.shape
+        for store in (stats.taylor, stats.taylor2) if taylor2 else (stats.taylor,):
+            store[path] = LinearSums(torch.zeros(out_f), torch.zeros(in_f))
+        lin.weight.requires_grad_(True)
+        handles.append(lin.weight.register_post_accumulate_grad_hook(grad_hook_for(path, False)))
+        if lin.bias is not None:
+            lin.bias.requires_grad_(True)
+            handles.append(lin.bias.register_post_accumulate_grad_hook(grad_hook_for(path, True)))
+
+    def input_hook_for(path: str):
+        def hook(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+            stats.sq[path] = stats.sq.get(path, 0) + x.pow(2).sum(0)
+            if head_dim is not None and path in head_paths:
+                per_head = x.reshape(x.shape[0], -1, head_dim).norm(dim=-1)  # (tokens, heads)
+                stats.head_norm[path] = stats.head_norm.get(path, 0) + per_head.sum(0)
+            if fire_threshold is not None:
+                stats.fire[path] = stats.fire.get(path, 0) + (x.abs() > fire_threshold).sum(0).float()
+            if gram:
+                xd = x.double()
+                stats.gram[path] = stats.gram.get(path, 0) + xd.T @ xd
+        return hook
+
+    head_paths = {p for p in input_paths if p.endswith(("o_proj", "dense"))} if head_dim else set()
+    for path in input_paths:
+        handles.append(model.get_submodule(path).register_forward_pre_hook(input_hook_for(path)))
+
+    was_training = model.training
+    model.eval()
+    try:
+        for b in tqdm(range(0, batches.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
+            ids = batches[b: b + batch_size].to(device)  # (B, T)
+            with torch.set_grad_enabled(need_grad):
+                out = model(input_ids=ids, labels=ids if need_grad else None, use_cache=False)
+                if need_grad:
+                    out.loss.backward()
+            stats.tokens += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved_flags[n])
+            p.grad = None
+        model.train(was_training)
+    stats.seconds = time.perf_counter() - t0
+    stats.peak_rss_mb = _peak_rss_mb()
+    return stats
+
+
+# --- reading scores off the sums ---------------------------------------------------------------
+
+
+def _blocks(v: torch.Tensor, n: int, offset: int = 0, size: int = 1) -> torch.Tensor:
+    """Sum ``v[offset : offset + n*size]`` in blocks of ``size`` -> (n,)."""
+    return v[offset: offset + n * size].reshape(n, size).sum(1)
+
+
+def head_taylor_scores(sums: dict[str, LinearSums], model, adapter: Adapter, layer_idx: int):
+    """Per layer: (q (n_q,), kv (n_kv,)) Taylor sums over each head's parameters."""
+    layer = decoder_layers(model, adapter)[layer_idx]
+    hd = head_dim_of(model.config, adapter)
+    shape = layer_shape(layer, adapter, hd)
+    nq, nkv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    paths = role_paths(adapter, layer_idx, ["q", "k", "v", "qkv", "o"])
+    o = sums[paths["o"]].cols
+    q_score = _blocks(o, nq, 0, hd)
+    if "qkv" in paths:
+        rows = sums[paths["qkv"]].rows
+        q_score = q_score + _blocks(rows, nq, 0, hd)
+        kv_score = _blocks(rows, nkv, nq * hd, hd) + _blocks(rows, nkv, (nq + nkv) * hd, hd)
+    else:
+        q_score = q_score + _blocks(sums[paths["q"]].rows, nq, 0, hd)
+        kv_score = _blocks(sums[paths["k"]].rows, nkv, 0, hd) + _blocks(sums[paths["v"]].rows, nkv, 0, hd)
+    return q_score, kv_score
+
+
+def head_magnitude_scores(model, adapter: Adapter, layer_idx: int):
+    """L2 norm of each head's weights (q rows + o columns; k/v rows per KV head)."""
+    layer = decoder_layers(model, adapter)[layer_idx]
+    r = adapter.layer
+    hd = head_dim_of(model.config, adapter)
+    shape = layer_shape(layer, adapter, hd)
+    nq, nkv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    o2 = get_module(layer, r.o).weight.detach().float().pow(2).sum(0)
+    if r.fused_qkv:
+        rows2 = get_module(layer, r.qkv).weight.detach().float().pow(2).sum(1)
+        q2 = _blocks(rows2, nq, 0, hd)
+        kv2 = _blocks(rows2, nkv, nq * hd, hd) + _blocks(rows2, nkv, (nq + nkv) * hd, hd)
+    else:
+        q2 = _blocks(get_module(layer, r.q).weight.detach().float().pow(2).sum(1), nq, 0, hd)
+        kv2 = (_blocks(get_module(layer, r.k).weight.detach().float().pow(2).sum(1), nkv, 0, hd)
+               + _blocks(get_module(layer, r.v).weight.detach().float().pow(2).sum(1), nkv, 0, hd))
+    return (q2 + _blocks(o2, nq, 0, hd)).sqrt(), kv2.sqrt()
+
+
+def channel_taylor_scores(sums: dict[str, LinearSums], adapter: Adapter, layer_idx: int, width: int) -> torch.Tensor:
+    paths = role_paths(adapter, layer_idx, ["gate", "up", "gate_up", "down"])
+    s = sums[paths["down"]].cols.clone()
+    if "gate_up" in paths:
+        rows = sums[paths["gate_up"]].rows
+        s += rows[:width] + rows[width: 2 * width]
+    else:
+        for role in ("gate", "up"):
+            if role in paths:
+                s += sums[paths[role]].rows
+    return s
+
+
+def channel_magnitude_scores(model, adapter: Adapter, layer_idx: int) -> torch.Tensor:
+    layer = decoder_layers(model, adapter)[layer_idx]
+    r = adapter.layer
+    down = get_module(layer, r.down).weight.detach().float()
+    width = down.shape[1]
+    s = down.pow(2).sum(0)
+    if r.fused_gate_up:
+        rows = get_module(layer, r.gate_up).weight.detach().float().pow(2).sum(1)
+        s = s + rows[:width] + rows[width:]
+    else:
+        for role in ("gate", "up"):
+            p = getattr(r, role)
+            if p is not None:
+                s = s + get_module(layer, p).weight.detach().float().pow(2).sum(1)
+    return s.sqrt()

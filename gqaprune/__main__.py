@@ -1,0 +1,3 @@
+from gqaprune.cli import main
+
+main()

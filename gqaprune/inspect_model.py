@@ -1,0 +1,52 @@
+"""`gqaprune inspect`: what a model is, from its config, and which pruning amounts are valid."""
+
+from __future__ import annotations
+
+from gqaprune.adapters import head_dim_of, resolve_adapter
+from gqaprune.plan import llama_stock_head_counts, meta_model
+from gqaprune.sources import read_config
+
+
+def inspect_model(spec: str, adapter_spec: str = "auto") -> dict:
+    config = read_config(spec, progress=False)
+    adapter = resolve_adapter(adapter_spec, config.architectures)
+    model = meta_model(config)
+    k = adapter.config
+    n_q, n_kv = getattr(config, k.num_heads), getattr(config, k.num_kv_heads)
+    per_layer = getattr(config, "gqaprune_layers", None)
+    g = n_q // n_kv
+    by_role: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        role = "other"
+        for r in ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "input_norm", "post_attention_norm"):
+            path = getattr(adapter.layer, r)
+            if path and f".{path}." in f".{name}" :
+                role = r
+        for r in ("embed", "final_norm", "lm_head"):
+            if name.startswith(getattr(adapter.model, r) + "."):
+                role = r
+        by_role[role] = by_role.get(role, 0) + p.numel()
+    info = {
+        "architecture": config.architectures[0],
+        "adapter": adapter.name,
+        "layers": getattr(config, k.num_layers),
+        "hidden_size": getattr(config, k.hidden_size),
+        "heads": n_q,
+        "kv_heads": n_kv,
+        "group_size": g,
+        "head_dim": head_dim_of(config, adapter),
+        "intermediate_size": getattr(config, k.intermediate_size),
+        "per_layer_shapes": per_layer,
+        "valid_keep_kv_heads": list(range(1, n_kv)),
+        "valid_group_prune_ratios": [f"{j}/{n_kv}" for j in range(1, n_kv)],
+        "valid_keep_q_per_kv": list(range(1, g)),
+        "valid_query_head_prune_ratios": [f"{j}/{g}" for j in range(1, g)],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters_by_role": by_role,
+    }
+    if config.architectures[0] == "LlamaForCausalLM":
+        ok = set(llama_stock_head_counts(config))
+        info["head_counts_that_reload_stock"] = sorted(ok)
+        info["keep_kv_heads_that_reload_stock"] = [j for j in range(1, n_kv) if j * g in ok]
+        info["keep_q_per_kv_that_reload_stock"] = [j for j in range(1, g) if j * n_kv in ok]
+    return info

@@ -1,0 +1,100 @@
+"""The model card (README.md of the output folder): what was removed, how, and the numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _fmt(v, nd=3):
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _stage_line(s: dict) -> str:
+    t = s["type"]
+    if t == "layer_drop":
+        what = f"dropped layers {s['dropped_layers']} by {s['score']}"
+    elif t == "head_prune":
+        what = (f"{s['unit']} pruning by {s['score']} ({s['allocation']}, reconstruct {s['reconstruct']}); "
+                f"heads per layer after: {[l['heads_after'] for l in s['layers']]}, "
+                f"KV heads: {[l['kv_heads_after'] for l in s['layers']]}")
+    elif t == "neuron_prune":
+        what = (f"MLP channels by {s['score']} ({s['allocation']}, reconstruct {s['reconstruct']}, align {s['align']}); "
+                f"widths after: {[l['width_after'] for l in s['layers']]}")
+    elif t == "recover":
+        what = f"recovery fine-tuning ({s.get('method')}, {s.get('steps')} steps)"
+    else:
+        what = t
+    ppl = s.get("perplexity_after")
+    return (f"| {s['index']} | {t} | {what} | {s['params_before']:,} -> {s['params_after']:,} | "
+            f"{_fmt(ppl) if ppl is not None else '-'} | {s['seconds']:.1f} |")
+
+
+def _load_snippet(report: dict) -> str:
+    kind = report.get("output_kind")
+    if kind == "uniform":
+        return ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                "model = AutoModelForCausalLM.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)\n```")
+    if kind == "per_layer":
+        return ("Layers have different shapes. Load with gqaprune, or with stock transformers and the modeling file "
+                "saved beside the weights:\n\n```python\nimport gqaprune\nmodel = gqaprune.load_pretrained(PATH)\n"
+                "# or\nfrom transformers import AutoModelForCausalLM\n"
+                "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)\n```")
+    return ("AutoAWQ format (4-bit GEMM). On a GPU: `AutoAWQForCausalLM.from_quantized(PATH)` or transformers with "
+            "its AWQ kernels. On a CPU, dequantized from the bytes on disk:\n\n```python\n"
+            "from gqaprune.quant.awq import load_dequantized\nmodel = load_dequantized(PATH)\n```")
+
+
+def write_card(report: dict, recipe_text: str, path: Path) -> None:
+    ev = report["eval"]
+    before, after = ev["before"], ev["after"]
+    lines = []
+    if report["status"] != "ok":
+        failed = [k for k, g in report["gates"].items() if not g["passed"]]
+        lines += [f"# FAILED: quality gate {', '.join(failed)}", ""]
+    name = report.get("recipe_name", "model")
+    lines += [
+        f"# {name}: compressed with gqaprune {report['gqaprune_version']}", "",
+        f"Base model: `{report['model']['source']}` ({report['model']['architecture']}, adapter "
+        f"`{report['model']['adapter']}`).", "",
+        "## Summary", "",
+        "| | before | after | change |", "|---|---|---|---|",
+        f"| parameters | {report['params_before']:,} | {report['params_after']:,} | "
+        f"{100 * (report['params_after'] / report['params_before'] - 1):+.1f}% |",
+    ]
+    if "perplexity" in before and "perplexity" in after:
+        lines.append(f"| held-out perplexity | {before['perplexity']:.3f} | {after['perplexity']:.3f} | "
+                     f"x{after['perplexity'] / before['perplexity']:.3f} |")
+    for task, metrics in report["eval"]["lm_eval"]["after"].items():
+        for m, v in metrics.items():
+            if m.endswith("_stderr") or not isinstance(v, (int, float)):
+                continue
+            b = report["eval"]["lm_eval"]["before"].get(task, {}).get(m)
+            lines.append(f"| lm-eval {task} / {m} | {_fmt(b)} | {_fmt(v)} | "
+                         f"{_fmt(v - b) if isinstance(b, (int, float)) else '-'} |")
+    awq = report.get("awq")
+    if awq:
+        lines.append(f"| safetensors bytes | {awq['fp_safetensors_bytes']:,} (pruned, fp) | "
+                     f"{awq['awq_safetensors_bytes']:,} (AWQ) | x{awq['compression_ratio']:.2f} smaller |")
+    rt = report["roundtrip"]
+    lines += ["", f"Round trip: saved, reloaded from disk with {rt['loader']}, max |logit diff| = "
+                  f"{rt['max_abs_logit_diff']:.3g} ({'ok' if rt['ok'] else 'FAILED'}).", ""]
+    if report["gates"]:
+        lines += ["## Gates", "", "| gate | limit | value | passed |", "|---|---|---|---|"]
+        for k, g in report["gates"].items():
+            lines.append(f"| {k} | {_fmt(g['limit'], 4)} | {_fmt(g['value'], 4)} | {'yes' if g['passed'] else 'NO'} |")
+        lines.append("")
+    lines += ["## Stages", "", "| # | stage | what it did | parameters | perplexity after | seconds |",
+              "|---|---|---|---|---|---|"]
+    lines += [_stage_line(s) for s in report["stages"]]
+    shapes = report["shapes_after"]["per_layer"]
+    lines += ["", "## Shapes after", "", "| layer | query heads | KV heads | MLP width |", "|---|---|---|---|"]
+    lines += [f"| {i} | {s['num_attention_heads']} | {s['num_key_value_heads']} | {s['intermediate_size']} |"
+              for i, s in enumerate(shapes)]
+    plots = sorted(report.get("plots", []))
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}](plots/{p})" for p in plots]
+    lines += ["", "## How to load", "", _load_snippet(report), "", "## Recipe", "", "```yaml", recipe_text.rstrip(),
+              "```", "", "## Versions", "", ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
+    path.write_text("\n".join(lines), encoding="utf-8")

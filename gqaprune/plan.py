@@ -36,7 +36,7 @@ class StagePlan:
 
 
 def _dtype_bytes(config) -> int:
-    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dt = getattr(config, "dtype", None)
     return {"float32": 4, "bfloat16": 2, "float16": 2, torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}.get(dt, 4)
 
 

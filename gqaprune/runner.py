@@ -62,7 +62,7 @@ def pick_runtime(runtime, source_dtype) -> tuple[torch.device, torch.dtype, torc
 
 
 def source_dtype_of(config) -> torch.dtype:
-    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dt = getattr(config, "dtype", None)
     if isinstance(dt, torch.dtype):
         return dt
     return _DTYPES.get(str(dt), torch.float32)
@@ -393,10 +393,11 @@ def _versions() -> dict:
     import transformers
 
     v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    for name in ("lm_eval", "peft", "accelerate", "awq"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("lm_eval", "peft", "accelerate", "autoawq", "safetensors", "tokenizers"):
         try:
-            mod = __import__(name)
-            v[name] = getattr(mod, "__version__", "unknown")
-        except Exception:  # noqa: BLE001 - optional at report time
+            v[name] = version(name)
+        except PackageNotFoundError:
             pass
     return v

@@ -65,3 +65,23 @@ def tiny_model(family: str, seed: int = 0, attn_implementation: str = "eager", *
 def tiny_inputs(vocab_size: int = 96, batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, seq), generator=gen)
+
+
+def builtin_tokenizer():
+    """The package's BPE tokenizer (trained on the pydoc train split in seconds, then cached)."""
+    from gqaprune.builtin_models import load_builtin_tokenizer
+
+    tok = load_builtin_tokenizer(progress=False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def save_tiny(family: str, folder, seed: int = 0, **overrides):
+    """A tiny random model of ``family`` with the builtin tokenizer, saved as a normal HF folder."""
+    tok = builtin_tokenizer()
+    overrides.setdefault("vocab_size", len(tok))
+    model = tiny_model(family, seed=seed, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **overrides)
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return model, tok

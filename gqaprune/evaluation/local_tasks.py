@@ -1,0 +1,315 @@
+"""The lm-eval tasks shipped with gqaprune, built offline from ``builtin:pydoc``.
+
+Two tasks, both made deterministically from the *validation* split of
+``builtin:pydoc`` (see :mod:`gqaprune.data`), so that they never overlap the
+text the builtin models (and calibration) use:
+
+``gqaprune_pydoc_rolling``
+    ``loglikelihood_rolling`` over the first :data:`ROLLING_DOCS` validation
+    paragraphs of at least :data:`ROLLING_MIN_CHARS` characters, raw text as
+    the corpus has it. Metrics: ``word_perplexity``, ``byte_perplexity``,
+    ``bits_per_byte``.
+
+``gqaprune_pydoc_mc``
+    ``multiple_choice`` continuation task. Prose paragraphs (whitespace
+    collapsed to single spaces) are cut at word boundaries into a prefix of
+    ~100-150 characters and the true continuation that follows it
+    (:data:`MC_CONT_MIN`-:data:`MC_CONT_MAX` characters); consecutive items of
+    one paragraph use consecutive, non-overlapping continuations. Each item
+    gets three distractors: spans of the same length (as close as the word
+    boundaries allow, normally within :data:`MC_LEN_TOLERANCE` characters)
+    starting at a random word of *other* validation paragraphs. The answer position is shuffled. Everything is seeded
+    (:data:`MC_SEED`). Metrics: ``acc``, ``acc_norm``. Chance is 0.25.
+
+The data (JSONL) and task YAMLs (``dataset_path: json`` with absolute
+``data_files``) are written to ``$GQAPRUNE_CACHE/lm_eval_tasks/<key>/`` where
+``<key>`` hashes the generator version, its settings and the validation text
+(so another Python's pydoc text gets its own folder). The folder is built in a
+temporary directory and moved into place with ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+GENERATOR_VERSION = 1
+
+SOURCE = "builtin:pydoc"
+SPLIT = "validation"
+
+ROLLING_TASK = "gqaprune_pydoc_rolling"
+MC_TASK = "gqaprune_pydoc_mc"
+LOCAL_TASKS: tuple[str, ...] = (ROLLING_TASK, MC_TASK)
+
+ROLLING_DOCS = 60
+ROLLING_MIN_CHARS = 150
+
+MC_ITEMS = 200
+MC_SEED = 1234
+MC_PREFIX_MIN = 100  # the first item of a paragraph needs at least this much context
+MC_PREFIX_MAX = 150  # later items keep the last <= 150 characters as context
+MC_CONT_MIN = 60
+MC_CONT_MAX = 80
+MC_LEN_TOLERANCE = 1  # distractor length within this many characters of the true continuation's
+MC_NUM_CHOICES = 4
+MC_PROSE_RATIO = 0.8  # letters and spaces / characters; drops tables and code
+MC_MIN_PARAGRAPH = 100
+
+_SETTINGS = {
+    "generator_version": GENERATOR_VERSION,
+    "source": SOURCE,
+    "split": SPLIT,
+    "rolling": {"docs": ROLLING_DOCS, "min_chars": ROLLING_MIN_CHARS},
+    "mc": {
+        "items": MC_ITEMS,
+        "seed": MC_SEED,
+        "prefix": [MC_PREFIX_MIN, MC_PREFIX_MAX],
+        "continuation": [MC_CONT_MIN, MC_CONT_MAX],
+        "choices": MC_NUM_CHOICES,
+        "length_tolerance": MC_LEN_TOLERANCE,
+        "prose_ratio": MC_PROSE_RATIO,
+        "min_paragraph": MC_MIN_PARAGRAPH,
+    },
+}
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("GQAPRUNE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "gqaprune"
+
+
+def _units() -> list[str]:
+    from gqaprune.data import load_units
+
+    return load_units(SOURCE, SPLIT)
+
+
+def tasks_key(units: list[str] | None = None) -> str:
+    """12 hex digits naming the task folder: generator version, settings and validation text."""
+    units = _units() if units is None else units
+    h = hashlib.sha256(json.dumps(_SETTINGS, sort_keys=True).encode())
+    h.update(hashlib.sha256("\n\n".join(units).encode()).digest())
+    return h.hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- data
+
+def rolling_docs(units: list[str]) -> list[dict]:
+    """The rolling-perplexity documents: the first ROLLING_DOCS paragraphs that are long enough."""
+    docs = [u for u in units if len(u) >= ROLLING_MIN_CHARS][:ROLLING_DOCS]
+    return [{"id": i, "text": t} for i, t in enumerate(docs)]
+
+
+def _prose(u: str) -> bool:
+    return sum(c.isalpha() or c == " " for c in u) / len(u) >= MC_PROSE_RATIO
+
+
+def _words(text: str) -> list[tuple[int, int]]:
+    return [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+
+
+def _items_of(text: str, rng: random.Random) -> list[tuple[str, str]]:
+    """(prefix, continuation) pairs cut from one collapsed paragraph at word boundaries.
+
+    Each continuation aims at a seeded length in [MC_CONT_MIN + 2, MC_CONT_MAX - 2]
+    so that distractors can match its length from both sides.
+    """
+    words = _words(text)
+    out = []
+    k = next((i for i in range(1, len(words)) if words[i - 1][1] >= MC_PREFIX_MIN), None)
+    while k is not None and k < len(words):
+        end_prefix = words[k - 1][1]
+        j = next((i for i in range(k) if end_prefix - words[i][0] <= MC_PREFIX_MAX), k)
+        if j >= k:  # one word longer than the context window: skip it
+            k += 1
+            continue
+        target = rng.randint(MC_CONT_MIN + 2, MC_CONT_MAX - 2)
+        m = _closest_end(words, k, target)
+        if m is None:
+            if words[-1][1] - words[k][0] < MC_CONT_MIN:
+                break  # not enough text left
+            k += 1  # an overlong word
+            continue
+        out.append((text[words[j][0]:end_prefix], text[words[k][0]:words[m][1]]))
+        k = m + 1
+    return out
+
+
+def _closest_end(words: list[tuple[int, int]], k: int, target: int) -> int | None:
+    """The last word index m >= k making the span [k..m] MC_CONT_MIN..MC_CONT_MAX chars, closest to target."""
+    best = None
+    for m in range(k, len(words)):
+        n = words[m][1] - words[k][0]
+        if n > MC_CONT_MAX:
+            break
+        if n >= MC_CONT_MIN and (best is None or abs(n - target) < abs(best[1] - target)):
+            best = (m, n)
+    return None if best is None else best[0]
+
+
+def _distractor(rng: random.Random, starts: list[tuple[int, int]], texts: dict, own: int,
+                target_len: int, taken: set[str], own_text: str) -> str:
+    """A span of another paragraph starting at a random word, its length as close to target_len as found."""
+    best: str | None = None
+    for _ in range(2000):
+        idx, k = starts[rng.randrange(len(starts))]
+        if idx == own:
+            continue
+        text, words = texts[idx]
+        m = _closest_end(words, k, target_len)
+        if m is None:
+            continue
+        span = text[words[k][0]:words[m][1]]
+        if span in taken or span in own_text:
+            continue
+        if best is None or abs(len(span) - target_len) < abs(len(best) - target_len):
+            best = span
+        if abs(len(best) - target_len) <= MC_LEN_TOLERANCE:
+            return best
+    if best is None:  # pragma: no cover - the corpus is large enough
+        raise RuntimeError("could not find a distractor")
+    return best
+
+
+def mc_docs(units: list[str]) -> list[dict]:
+    """The multiple-choice items (deterministic for given units)."""
+    paras = [(i, " ".join(u.split())) for i, u in enumerate(units)]
+    paras = [(i, t) for i, t in paras if len(t) >= MC_MIN_PARAGRAPH and _prose(t)]
+    rng = random.Random(MC_SEED)
+    candidates = [(i, t, prefix, cont) for i, t in paras for prefix, cont in _items_of(t, rng)]
+    # distractors come from the same paragraphs as the items, so that true and
+    # false continuations are drawn from the same kind of text
+    with_items = sorted({i for i, *_ in candidates})
+    texts = {i: (t, _words(t)) for i, t in paras if i in with_items}
+    # candidate distractor starts: words at least MC_PREFIX_MIN characters into a
+    # paragraph, where true continuations start too; drawn uniformly over all of them
+    starts = [(i, k) for i, (_, words) in texts.items()
+              for k in range(1, len(words)) if words[k - 1][1] >= MC_PREFIX_MIN]
+    if len(candidates) > MC_ITEMS:
+        keep = sorted(rng.sample(range(len(candidates)), MC_ITEMS))
+        candidates = [candidates[k] for k in keep]
+    docs = []
+    for n, (i, text, prefix, cont) in enumerate(candidates):
+        taken = {cont}
+        choices = [cont]
+        for _ in range(MC_NUM_CHOICES - 1):
+            d = _distractor(rng, starts, texts, i, len(cont), taken, text)
+            taken.add(d)
+            choices.append(d)
+        order = list(range(MC_NUM_CHOICES))
+        rng.shuffle(order)
+        shuffled = [choices[o] for o in order]
+        docs.append({"id": n, "paragraph": i, "prefix": prefix, "choices": shuffled, "label": order.index(0)})
+    return docs
+
+
+# --------------------------------------------------------------------------- files
+
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
+
+
+def _rolling_yaml(data: Path) -> str:
+    return f"""\
+# Generated by gqaprune.evaluation.local_tasks (generator version {GENERATOR_VERSION}); do not edit.
+task: {ROLLING_TASK}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {json.dumps(str(data))}
+output_type: loglikelihood_rolling
+test_split: test
+doc_to_text: ""
+doc_to_target: text
+metric_list:
+  - metric: word_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
+  - metric: byte_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
+  - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false
+metadata:
+  version: {GENERATOR_VERSION}.0
+"""
+
+
+def _mc_yaml(data: Path) -> str:
+    return f"""\
+# Generated by gqaprune.evaluation.local_tasks (generator version {GENERATOR_VERSION}); do not edit.
+task: {MC_TASK}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {json.dumps(str(data))}
+output_type: multiple_choice
+test_split: test
+doc_to_text: prefix
+doc_to_target: label
+doc_to_choice: choices
+target_delimiter: " "
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: {GENERATOR_VERSION}.0
+"""
+
+
+def task_files(final: Path, units: list[str] | None = None) -> dict[str, str]:
+    """File name -> text of every file of the task folder that lives at ``final``."""
+    units = _units() if units is None else units
+    rolling, mc = final / f"{ROLLING_TASK}.jsonl", final / f"{MC_TASK}.jsonl"
+    meta = {"settings": _SETTINGS, "key": tasks_key(units), "tasks": list(LOCAL_TASKS)}
+    return {
+        rolling.name: _jsonl(rolling_docs(units)),
+        mc.name: _jsonl(mc_docs(units)),
+        f"{ROLLING_TASK}.yaml": _rolling_yaml(rolling),
+        f"{MC_TASK}.yaml": _mc_yaml(mc),
+        "gqaprune_tasks.json": json.dumps(meta, sort_keys=True, indent=2) + "\n",
+    }
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "gqaprune_tasks.json").is_file() and all(
+        (folder / f"{t}{ext}").is_file() for t in LOCAL_TASKS for ext in (".yaml", ".jsonl"))
+
+
+def task_dir() -> Path:
+    """The folder holding the shipped tasks' YAML and data (generated on first use)."""
+    units = _units()
+    root = _cache_root() / "lm_eval_tasks"
+    final = root / tasks_key(units)
+    if _complete(final):
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        for name, text in task_files(final, units).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        if final.exists() and not _complete(final):
+            shutil.rmtree(final, ignore_errors=True)  # damaged by hand; rebuild it
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # another process put a complete folder there first (os.replace never
+            # overwrites a non-empty directory); theirs has the same bytes
+            if not _complete(final):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,758 @@
+"""AutoAWQ 4-bit backend: width checks, quantization, and an independent verifier.
+
+Everything that touches AutoAWQ lives in this one module.
+
+* :func:`awq_width_problems` says, from shapes alone (no weights), whether
+  AutoAWQ can quantize a model; the recipe validator uses it across stages.
+* :func:`quantize_folder` runs AutoAWQ (GEMM, zero point, 4 bit) on a saved HF
+  folder and writes exactly the folder AutoAWQ's ``save_quantized`` writes
+  (``config.json`` with ``quantization_config``, ``model*.safetensors`` holding
+  ``qweight``/``qzeros``/``scales``), plus the tokenizer files.
+* :func:`load_dequantized` / :func:`verify_awq_folder` read that folder back
+  WITHOUT AutoAWQ or any quantized kernel (those need a GPU): the packed int4
+  tensors are unpacked here (:func:`unpack_int4`), dequantized into a stock
+  transformers model, and compared with the unquantized model's logits.
+
+AutoAWQ (``autoawq`` 0.2.9) is deprecated and no longer maintained upstream
+(the project moved into vLLM's llm-compressor). Importing it emits a long
+``DeprecationWarning`` and also resets the process-wide warning filter for
+``DeprecationWarning``; :func:`_import_awq` imports it inside
+``warnings.catch_warnings(record=True)`` so the notice is swallowed and the
+global filters are restored. It still works with the installed torch /
+transformers for the architectures in :data:`AWQ_ARCHITECTURES`, which were
+each quantized and verified on this machine (see tests/quant/test_awq.py).
+
+Packing (AutoAWQ ``WQLinear_GEMM.from_linear``, checked in the installed
+source ``awq/modules/linear/gemm.py``): for a Linear with weight ``(out, in)``
+the integer codes are laid out ``(in, out)``; every 8 consecutive output
+columns ``8c .. 8c+7`` go into int32 column ``c`` of ``qweight`` ``(in, out/8)``,
+nibble ``i`` (bits ``4i .. 4i+3``) holding column ``8c + [0, 2, 4, 6, 1, 3, 5, 7][i]``.
+``qzeros`` ``(in/group, out/8)`` packs the zero codes the same way and
+``scales`` is ``(in/group, out)`` float16. Dequantized weight
+``W[o, i] = (code[i, o] - zero[i // group, o]) * scale[i // group, o]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from gqaprune.errors import CheckFailed, InputError
+
+# HF architecture name -> AutoAWQ model type. Only architectures that AutoAWQ
+# supports AND that were quantized + verified end to end here.
+AWQ_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Phi3ForCausalLM": "phi3",
+}
+
+# Module layout of a decoder layer per AutoAWQ model type:
+# "split": q/k/v/o_proj + gate/up/down_proj; "fused": Phi-3 qkv_proj + gate_up_proj.
+_LAYOUT = {"llama": "split", "mistral": "split", "qwen2": "split", "phi3": "fused"}
+
+# AutoAWQ skips the clip search for Linears whose name contains one of these
+# (awq/quantize/quantizer.py, _search_best_clip); every other Linear is clipped,
+# and the clip search needs out_features % 64 == 0.
+_CLIP_SKIP = ("q_", "k_", "query", "key", "Wqkv")
+CLIP_OUT_MULTIPLE = 64
+PACK = 8  # int4 values per int32
+GROUP_SIZES = (32, 64, 128)
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a packed int32 holds column 8c + AWQ_ORDER[i]
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # column 8c + j sits in nibble AWQ_REVERSE_ORDER[j]
+
+# Default acceptance bound of verify_awq_folder (see its docstring for the numbers behind it).
+DEFAULT_MAX_REL_LOGIT_ERR = 0.25
+DEFAULT_MIN_TOP1_AGREEMENT = 0.5
+
+
+# --------------------------------------------------------------------------- import
+
+
+def _import_awq():
+    """Import AutoAWQ without its deprecation notice and without letting it
+    change the global warning filters (it calls ``warnings.simplefilter``)."""
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("ignore")
+        try:
+            import awq  # noqa: F401
+            from awq.models._config import AwqConfig
+            from awq.models.auto import AWQ_CAUSAL_LM_MODEL_MAP
+            from awq.modules.linear.gemm import WQLinear_GEMM
+        except Exception as e:  # pragma: no cover - depends on the environment
+            raise InputError(
+                f"the AWQ stage needs the 'autoawq' package (pip install autoawq==0.2.9): cannot import it ({e})"
+            ) from None
+    return AwqConfig, AWQ_CAUSAL_LM_MODEL_MAP, WQLinear_GEMM
+
+
+@contextlib.contextmanager
+def _quiet(progress: bool):
+    """Silence AutoAWQ's warnings and (unless ``progress``) its tqdm bars."""
+    old = os.environ.get("TQDM_DISABLE")
+    if not progress:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if not progress:
+            if old is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = old
+
+
+# --------------------------------------------------------------------------- width rules
+
+
+def _linear_problem(where: str, name: str, in_f: int, out_f: int, group_size: int, what_in: str, what_out: str) -> list[str]:
+    out: list[str] = []
+    if in_f <= 0 or out_f <= 0:
+        return [f"{where}: {name} has an empty shape ({out_f} x {in_f}); AWQ cannot quantize it"]
+    if in_f % group_size:
+        out.append(f"{where}: {name} in-features {in_f} ({what_in}) is not a multiple of group_size {group_size}")
+    clipped = not any(s in name.rsplit(".", 1)[-1] for s in _CLIP_SKIP)
+    if clipped and out_f % CLIP_OUT_MULTIPLE:
+        out.append(
+            f"{where}: {name} out-features {out_f} ({what_out}) is not a multiple of {CLIP_OUT_MULTIPLE} "
+            "(AutoAWQ's clip search needs it)"
+        )
+    elif out_f % PACK:
+        out.append(f"{where}: {name} out-features {out_f} ({what_out}) is not a multiple of {PACK} (int4 packing needs it)")
+    return out
+
+
+def _layer_linears(layout: str, hidden: int, heads: int, kv: int, inter: int, head_dim: int) -> list[tuple[str, int, int, str, str]]:
+    """(name, in, out, what_in, what_out) of the quantized Linears of one decoder layer."""
+    hid = f"hidden_size {hidden}"
+    q = f"num_attention_heads {heads} x head_dim {head_dim}"
+    kvw = f"num_key_value_heads {kv} x head_dim {head_dim}"
+    mlp = f"intermediate_size {inter}"
+    if layout == "fused":
+        return [
+            ("self_attn.qkv_proj", hidden, (heads + 2 * kv) * head_dim, hid, f"(num_attention_heads {heads} + 2 x num_key_value_heads {kv}) x head_dim {head_dim}"),
+            ("self_attn.o_proj", heads * head_dim, hidden, q, hid),
+            ("mlp.gate_up_proj", hidden, 2 * inter, hid, f"2 x {mlp}"),
+            ("mlp.down_proj", inter, hidden, mlp, hid),
+        ]
+    return [
+        ("self_attn.q_proj", hidden, heads * head_dim, hid, q),
+        ("self_attn.k_proj", hidden, kv * head_dim, hid, kvw),
+        ("self_attn.v_proj", hidden, kv * head_dim, hid, kvw),
+        ("self_attn.o_proj", heads * head_dim, hidden, q, hid),
+        ("mlp.gate_proj", hidden, inter, hid, mlp),
+        ("mlp.up_proj", hidden, inter, hid, mlp),
+        ("mlp.down_proj", inter, hidden, mlp, hid),
+    ]
+
+
+def _merge_by_layer(per_layer_msgs: list[list[str]]) -> list[str]:
+    """Collapse identical per-layer messages into one naming the layers."""
+    seen: dict[str, list[int]] = {}
+    for i, msgs in enumerate(per_layer_msgs):
+        for m in msgs:
+            _, _, rest = m.partition(": ")
+            seen.setdefault(rest, []).append(i)
+    out = []
+    for rest, layers in seen.items():
+        if len(layers) == len(per_layer_msgs) and len(layers) > 1:
+            where = "every layer"
+        elif len(layers) == 1:
+            where = f"layer {layers[0]}"
+        else:
+            where = "layers " + ", ".join(map(str, layers))
+        out.append(f"{where}: {rest}")
+    return out
+
+
+def supported_architectures_text() -> str:
+    return ", ".join(sorted(AWQ_ARCHITECTURES))
+
+
+def awq_width_problems(architecture: str, hidden_size: int, per_layer: list[dict], head_dim: int, group_size: int) -> list[str]:
+    """Human-readable reasons AutoAWQ (GEMM, 4 bit) cannot quantize a model of these shapes; empty if it can.
+
+    ``per_layer`` items carry ``num_attention_heads``, ``num_key_value_heads`` and
+    ``intermediate_size``. Rules (from AutoAWQ 0.2.9's source, confirmed by runs):
+
+    * the architecture must be one of :data:`AWQ_ARCHITECTURES`;
+    * ``group_size`` must be one of 32, 64, 128 (the GEMM kernels' sizes);
+    * every quantized Linear's in-features must be a multiple of ``group_size``:
+      ``hidden_size`` (q/k/v, gate/up), heads x head_dim (o_proj), ``intermediate_size`` (down_proj);
+    * out-features of the Linears AutoAWQ clips (all but q_proj/k_proj: v_proj, o_proj,
+      gate/up/down, Phi-3 qkv_proj and gate_up_proj) must be multiples of 64; the others multiples of 8.
+
+    Layers with different shapes are NOT a problem: AutoAWQ works layer by layer from
+    the module shapes (verified by quantizing a model whose layers have 4 and 8 query heads).
+    """
+    if architecture not in AWQ_ARCHITECTURES:
+        return [f"architecture {architecture} is not supported by the AWQ stage; supported: {supported_architectures_text()}"]
+    problems: list[str] = []
+    if group_size not in GROUP_SIZES:
+        problems.append(f"group_size {group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
+        return problems
+    if head_dim <= 0:
+        return [f"head_dim {head_dim} must be positive"]
+    if not per_layer:
+        return ["the model has no decoder layers to quantize"]
+    layout = _LAYOUT[AWQ_ARCHITECTURES[architecture]]
+    per_layer_msgs = []
+    for i, layer in enumerate(per_layer):
+        try:
+            heads = int(layer["num_attention_heads"])
+            kv = int(layer["num_key_value_heads"])
+            inter = int(layer["intermediate_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"per_layer[{i}] needs integer num_attention_heads, num_key_value_heads, intermediate_size ({e})") from None
+        msgs = []
+        for name, in_f, out_f, w_in, w_out in _layer_linears(layout, hidden_size, heads, kv, inter, head_dim):
+            msgs += _linear_problem(f"layer {i}", name, in_f, out_f, group_size, w_in, w_out)
+        per_layer_msgs.append(msgs)
+    return problems + _merge_by_layer(per_layer_msgs)
+
+
+def _module_width_problems(layers: nn.ModuleList, group_size: int) -> list[str]:
+    """The same rules, applied to the Linears actually present in a loaded model."""
+    per_layer_msgs = []
+    for i, layer in enumerate(layers):
+        msgs = []
+        for name, mod in layer.named_modules():
+            if isinstance(mod, nn.Linear):
+                msgs += _linear_problem(f"layer {i}", name, mod.in_features, mod.out_features, group_size, "in", "out")
+        per_layer_msgs.append(msgs)
+    return _merge_by_layer(per_layer_msgs)
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def _check_w_bit(w_bit: int) -> None:
+    if w_bit != 4:
+        raise InputError(f"w_bit {w_bit} is not supported: AutoAWQ GEMM packs 4-bit weights only (w_bit: 4)")
+
+
+def unpack_int4(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    w_bit: int = 4,
+    group_size: int = 128,
+    name: str = "",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unpack AutoAWQ GEMM tensors.
+
+    Returns ``(codes, zeros, weight)``: ``codes`` int32 ``(in, out)`` in
+    ``[0, 2**w_bit - 1]``, ``zeros`` int32 ``(in/group, out)``, and the
+    dequantized float32 ``weight`` in ``nn.Linear`` layout ``(out, in)``.
+    ``name`` is the Linear's module path; errors (raised as :class:`CheckFailed`)
+    name the offending tensor, e.g. ``model.layers.0.self_attn.q_proj.qweight``.
+    """
+    _check_w_bit(w_bit)
+    p = f"{name}." if name else ""
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise CheckFailed(f"{p}qweight: expected a 2-D int32 tensor, found {qweight.dtype} {tuple(qweight.shape)}")
+    in_f, packed = qweight.shape
+    out_f = packed * PACK
+    if in_f == 0 or packed == 0:
+        raise CheckFailed(f"{p}qweight: empty shape {tuple(qweight.shape)}")
+    if group_size <= 0 or in_f % group_size:
+        raise CheckFailed(f"{p}qweight: in-features {in_f} is not a multiple of group_size {group_size}")
+    n_groups = in_f // group_size
+    if qzeros.dtype != torch.int32 or tuple(qzeros.shape) != (n_groups, packed):
+        raise CheckFailed(
+            f"{p}qzeros: expected int32 {(n_groups, packed)} for qweight {tuple(qweight.shape)} and group_size {group_size}, "
+            f"found {qzeros.dtype} {tuple(qzeros.shape)}"
+        )
+    if not scales.is_floating_point() or tuple(scales.shape) != (n_groups, out_f):
+        raise CheckFailed(
+            f"{p}scales: expected a float tensor {(n_groups, out_f)} for qweight {tuple(qweight.shape)} and group_size {group_size}, "
+            f"found {scales.dtype} {tuple(scales.shape)}"
+        )
+    s = scales.float()
+    if not torch.isfinite(s).all():
+        bad = int((~torch.isfinite(s)).sum())
+        raise CheckFailed(f"{p}scales: {bad} of {s.numel()} values are NaN or inf")
+    if (s <= 0).any():
+        bad = int((s <= 0).sum())
+        raise CheckFailed(f"{p}scales: {bad} of {s.numel()} values are <= 0 (AutoAWQ scales are always positive)")
+
+    codes = _unpack_cols(qweight, w_bit)
+    zeros = _unpack_cols(qzeros, w_bit)
+    top = 2**w_bit - 1
+    for t, what in ((codes, "qweight"), (zeros, "qzeros")):
+        # With int32 storage every 4-bit field is in range by construction; kept as a guard.
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) > top):
+            raise CheckFailed(f"{p}{what}: unpacked codes outside [0, {top}] (min {int(t.min())}, max {int(t.max())})")
+    zr = zeros.repeat_interleave(group_size, dim=0)
+    sr = s.repeat_interleave(group_size, dim=0)
+    weight = ((codes - zr).float() * sr).t().contiguous()
+    return codes, zeros, weight
+
+
+def _unpack_cols(packed: torch.Tensor, w_bit: int) -> torch.Tensor:
+    rows, cols = packed.shape
+    shifts = torch.arange(0, 32, w_bit, dtype=torch.int32, device=packed.device)
+    nib = torch.bitwise_and(torch.bitwise_right_shift(packed[:, :, None], shifts[None, None, :]), 2**w_bit - 1)
+    nib = nib.reshape(rows, cols * PACK)
+    idx = torch.arange(cols * PACK, device=packed.device).view(cols, PACK)[:, list(AWQ_REVERSE_ORDER)].reshape(-1)
+    return nib[:, idx].to(torch.int32)
+
+
+def pack_int4(codes: torch.Tensor, zeros: torch.Tensor, w_bit: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`unpack_int4` for the integer parts: ``codes`` ``(in, out)`` and
+    ``zeros`` ``(in/group, out)`` with values in ``[0, 2**w_bit - 1]`` -> ``(qweight, qzeros)``
+    int32 in AutoAWQ GEMM order (``scales`` are stored unpacked, as they are)."""
+    _check_w_bit(w_bit)
+    return _pack_cols(codes, w_bit, "codes"), _pack_cols(zeros, w_bit, "zeros")
+
+
+def _pack_cols(vals: torch.Tensor, w_bit: int, what: str) -> torch.Tensor:
+    if vals.dim() != 2 or vals.shape[1] % PACK:
+        raise CheckFailed(f"{what}: expected a 2-D tensor whose second dim is a multiple of {PACK}, found {tuple(vals.shape)}")
+    v = vals.to(torch.int64)
+    top = 2**w_bit - 1
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) > top):
+        raise CheckFailed(f"{what}: values outside [0, {top}] (min {int(v.min())}, max {int(v.max())})")
+    rows, cols = v.shape
+    v = v.view(rows, cols // PACK, PACK)[:, :, list(AWQ_ORDER)]
+    shifts = torch.arange(0, 32, w_bit, dtype=torch.int64, device=v.device)
+    word = (v << shifts).sum(dim=-1)  # in [0, 2**32)
+    word = torch.where(word >= 2**31, word - 2**32, word)  # two's complement int32
+    return word.to(torch.int32)
+
+
+# --------------------------------------------------------------------------- quantize
+
+
+def _read_config(folder: Path) -> dict:
+    cfg_path = folder / "config.json"
+    if not folder.is_dir():
+        raise InputError(f"model folder '{folder}' does not exist")
+    if not cfg_path.is_file():
+        raise InputError(f"'{folder}' is not a model folder: it has no config.json")
+    try:
+        return json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{cfg_path}: cannot read it as JSON ({e})") from None
+
+
+def _architecture_of(cfg: dict, folder: Path) -> str:
+    archs = cfg.get("architectures") or []
+    if not archs:
+        raise InputError(f"{folder / 'config.json'}: no 'architectures' entry; cannot tell which model class it is")
+    return archs[0]
+
+
+def _calibration_windows(tokenizer, texts: list[str], seq_len: int, n_samples: int) -> tuple[list[list[int]], int]:
+    """Concatenate the tokenized texts (EOS between them) and cut the first
+    ``n_samples`` windows of exactly ``seq_len`` tokens. Deterministic."""
+    if not texts or not any(t.strip() for t in texts):
+        raise InputError("AWQ calibration needs text: the calibration source gave none")
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    need = seq_len * n_samples
+    for t in texts:
+        if not t.strip():
+            continue
+        ids.extend(int(i) for i in tokenizer(t, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(int(eos))
+        if len(ids) >= need:
+            break
+    n = min(n_samples, len(ids) // seq_len)
+    if n == 0:
+        raise InputError(
+            f"AWQ calibration texts give only {len(ids)} tokens, fewer than one window of max_calib_seq_len={seq_len}; "
+            "give more text or a shorter max_calib_seq_len"
+        )
+    return [ids[i * seq_len : (i + 1) * seq_len] for i in range(n)], len(ids)
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def quantize_folder(
+    src: Path,
+    dst: Path,
+    calib_texts: list[str],
+    w_bit: int = 4,
+    group_size: int = 128,
+    zero_point: bool = True,
+    max_calib_seq_len: int = 256,
+    n_samples: int = 32,
+    *,
+    n_parallel_calib_samples: int = 8,
+    seed: int = 0,
+    save_dtype: torch.dtype | None = torch.float16,
+    architecture: str | None = None,
+    model_loader: Callable[[Path], nn.Module] | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Quantize the HF folder ``src`` (model + tokenizer) with AutoAWQ into ``dst``.
+
+    AWQ GEMM, ``w_bit`` 4, zero point, ``group_size`` in (32, 64, 128). Calibration:
+    ``calib_texts`` are tokenized, joined (EOS between texts) and cut into the first
+    ``n_samples`` windows of ``max_calib_seq_len`` tokens (fewer if the text runs out).
+    Calibration runs in float32 on CPU (float16 on CUDA); ``save_dtype`` (default
+    float16, what AWQ kernels run in; ``None`` keeps the calibration dtype) is the dtype
+    of the unquantized tensors (embeddings, norms, lm_head) on disk. ``dst`` gets
+    AutoAWQ's own ``save_quantized`` output plus the tokenizer files; it is written to
+    a temporary sibling and renamed, so a failure never leaves a half-written ``dst``.
+    ``dst`` must not exist or be an empty directory.
+
+    ``model_loader(src)`` may return the model to quantize (e.g. a per-layer-shaped
+    model loaded with gqaprune's own loader); by default stock
+    ``AutoModelForCausalLM.from_pretrained``. ``architecture`` overrides
+    ``config.architectures[0]`` for picking the AutoAWQ model type.
+
+    Returns info: seconds (quantize) and seconds_total, calib windows/tokens, file sizes, etc.
+    Raises :class:`InputError` for bad arguments/inputs/widths, :class:`CheckFailed` when
+    AutoAWQ itself fails.
+    """
+    t_total = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    _check_w_bit(w_bit)
+    if not zero_point:
+        raise InputError("zero_point: false is not supported: AutoAWQ's GEMM format stores zero points (qzeros)")
+    if group_size not in GROUP_SIZES:
+        raise InputError(f"group_size {group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
+    if max_calib_seq_len < 1 or n_samples < 1 or n_parallel_calib_samples < 1:
+        raise InputError("max_calib_seq_len, n_samples and n_parallel_calib_samples must be positive")
+    cfg = _read_config(src)
+    if "quantization_config" in cfg:
+        raise InputError(f"'{src}' is already quantized ({cfg['quantization_config'].get('quant_method', '?')}); AWQ needs an unquantized model")
+    arch = architecture or _architecture_of(cfg, src)
+    if arch not in AWQ_ARCHITECTURES:
+        raise InputError(f"architecture {arch} is not supported by the AWQ stage; supported: {supported_architectures_text()}")
+    model_type = AWQ_ARCHITECTURES[arch]
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise InputError(f"AWQ output '{dst}' already exists and is not empty")
+
+    AwqConfig, model_map, WQLinear_GEMM = _import_awq()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src))
+    except Exception as e:
+        raise InputError(f"'{src}' has no usable tokenizer files (AWQ calibration needs one): {e}") from None
+
+    torch.manual_seed(seed)
+    calib_dtype = torch.float16 if torch.cuda.is_available() else torch.float32
+    try:
+        if model_loader is not None:
+            model = model_loader(src)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(src), dtype=calib_dtype, trust_remote_code=trust_remote_code)
+    except (InputError, CheckFailed):
+        raise
+    except Exception as e:
+        raise InputError(f"cannot load the model in '{src}' for AWQ: {e}") from None
+    model = model.to(calib_dtype).eval()
+
+    layers = model.model.layers
+    problems = _module_width_problems(layers, group_size)
+    if problems:
+        raise InputError("AutoAWQ cannot quantize this model's shapes:\n  - " + "\n  - ".join(problems))
+
+    windows, n_tokens = _calibration_windows(tokenizer, calib_texts, max_calib_seq_len, n_samples)
+
+    old_use_cache = model.config.use_cache
+    model.config.use_cache = False  # AutoAWQ replays layers; a KV cache would grow across replays
+    wrapper = model_map[model_type](model, model_type, is_quantized=False, config=model.config, quant_config=AwqConfig(), processor=None)
+    quant_config = {"zero_point": zero_point, "q_group_size": group_size, "w_bit": w_bit, "version": "GEMM"}
+    t0 = time.perf_counter()
+    try:
+        with _quiet(progress), torch.no_grad():
+            wrapper.quantize(
+                None,
+                quant_config=quant_config,
+                calib_data=windows,
+                n_parallel_calib_samples=n_parallel_calib_samples,
+                max_calib_samples=len(windows),
+                max_calib_seq_len=max_calib_seq_len,
+            )
+    except (InputError, CheckFailed):
+        raise
+    except Exception as e:
+        raise CheckFailed(f"AutoAWQ quantization failed: {type(e).__name__}: {e}") from None
+    seconds = time.perf_counter() - t0
+    model.config.use_cache = old_use_cache
+
+    num_q = sum(isinstance(m, WQLinear_GEMM) for m in model.modules())
+    if num_q == 0:
+        raise CheckFailed("AutoAWQ quantized no Linear layers")
+    if save_dtype is not None:
+        model.to(save_dtype)  # int32 qweight/qzeros are not floating point and stay as they are
+        model.config.dtype = save_dtype
+
+    tmp = dst.parent / f".{dst.name}.awq-tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _quiet(progress):
+            wrapper.save_quantized(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+        if dst.exists():
+            dst.rmdir()
+        tmp.rename(dst)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckFailed(f"writing the AWQ folder '{dst}' failed: {e}") from None
+
+    files = {p.name: p.stat().st_size for p in _safetensors_files(dst)}
+    from importlib.metadata import version as _v
+
+    return {
+        "architecture": arch,
+        "awq_model_type": model_type,
+        "w_bit": w_bit,
+        "group_size": group_size,
+        "zero_point": zero_point,
+        "version": "gemm",
+        "calib_windows": len(windows),
+        "calib_seq_len": max_calib_seq_len,
+        "calib_tokens_available": n_tokens,
+        "num_qlinears": num_q,
+        "seconds": round(seconds, 3),
+        "seconds_total": round(time.perf_counter() - t_total, 3),
+        "safetensors_bytes": sum(files.values()),
+        "files_bytes": files,
+        "autoawq_version": _v("autoawq"),
+    }
+
+
+# --------------------------------------------------------------------------- load + verify
+
+
+def _read_quant_config(cfg: dict, folder: Path) -> dict:
+    qc = cfg.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != "awq":
+        raise InputError(f"'{folder}' is not an AWQ folder: config.json has no quantization_config with quant_method 'awq'")
+    version = str(qc.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise InputError(f"{folder / 'config.json'}: AWQ version '{version}' is not supported (only gemm)")
+    if not qc.get("zero_point", True):
+        raise InputError(f"{folder / 'config.json'}: AWQ without zero point is not supported")
+    bits = int(qc.get("bits", 4))
+    _check_w_bit(bits)
+    group_size = int(qc.get("group_size", 128))
+    if group_size <= 0:
+        raise InputError(f"{folder / 'config.json'}: group_size {group_size} must be positive")
+    return {"bits": bits, "group_size": group_size, "modules_to_not_convert": qc.get("modules_to_not_convert") or []}
+
+
+def _read_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = _safetensors_files(folder)
+    if not files:
+        raise CheckFailed(f"'{folder}' has no *.safetensors files")
+    tensors: dict[str, torch.Tensor] = {}
+    sizes: dict[str, int] = {}
+    for f in files:
+        sizes[f.name] = f.stat().st_size
+        try:
+            part = load_file(str(f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckFailed(f"{f}: cannot read it as safetensors ({e})") from None
+        for k, v in part.items():
+            if k in tensors:
+                raise CheckFailed(f"tensor {k} appears in more than one safetensors file")
+            tensors[k] = v
+    return tensors, sizes
+
+
+def _load(folder: Path, dtype: torch.dtype, build_model: Callable[[Any], nn.Module] | None) -> tuple[nn.Module, dict]:
+    folder = Path(folder)
+    cfg = _read_config(folder)
+    qc = _read_quant_config(cfg, folder)
+    arch = _architecture_of(cfg, folder)
+
+    import transformers
+    from transformers import AutoConfig
+
+    plain = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    try:
+        config = AutoConfig.for_model(**plain)
+    except Exception as e:
+        raise InputError(f"{folder / 'config.json'}: cannot build a transformers config from it ({e})") from None
+    if build_model is not None:
+        model = build_model(config)
+    else:
+        cls = getattr(transformers, arch, None)
+        if cls is None:
+            raise InputError(f"{folder / 'config.json'}: architecture {arch} is not a transformers model class")
+        model = cls(config)
+    model = model.to(dtype).eval()
+
+    tensors, sizes = _read_tensors(folder)
+    group_size, bits = qc["group_size"], qc["bits"]
+    new_sd: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    num_q = 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or f"{name}.qweight" not in tensors:
+            continue
+        for part in ("qzeros", "scales"):
+            if f"{name}.{part}" not in tensors:
+                raise CheckFailed(f"missing tensor {name}.{part} (its qweight is present)")
+        qw, qz, sc = tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], tensors[f"{name}.scales"]
+        _, _, w = unpack_int4(qw, qz, sc, bits, group_size, name=name)
+        if tuple(w.shape) != tuple(mod.weight.shape):
+            raise CheckFailed(
+                f"{name}.qweight: shape {tuple(qw.shape)} unpacks to weight {tuple(w.shape)} (out, in), "
+                f"but the model built from config.json has {tuple(mod.weight.shape)}"
+            )
+        if not torch.isfinite(w).all():
+            raise CheckFailed(f"{name}.qweight: dequantized weight has NaN or inf values")
+        new_sd[f"{name}.weight"] = w.to(dtype)
+        used.update({f"{name}.qweight", f"{name}.qzeros", f"{name}.scales"})
+        num_q += 1
+        if mod.bias is not None:
+            b = tensors.get(f"{name}.bias")
+            if b is None:
+                raise CheckFailed(f"missing tensor {name}.bias")
+            new_sd[f"{name}.bias"] = b
+            used.add(f"{name}.bias")
+    if num_q == 0:
+        raise CheckFailed(f"'{folder}' holds no qweight tensors matching the modules of {arch}")
+
+    # Parameters that share storage (tied embeddings) are saved once.
+    alias: dict[int, list[str]] = {}
+    for key, p in model.named_parameters(remove_duplicate=False):
+        alias.setdefault(id(p), []).append(key)
+    alias_of = {k: ks for ks in alias.values() for k in ks}
+
+    sd = model.state_dict()
+    for key, ref in sd.items():
+        if key in new_sd:
+            continue
+        if key in tensors:
+            t = tensors[key]
+            used.add(key)
+        else:
+            twin = next((k for k in alias_of.get(key, []) if k != key and k in tensors), None)
+            if twin is None:
+                raise CheckFailed(f"missing tensor {key} (the {arch} model built from config.json needs it)")
+            t = tensors[twin]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise CheckFailed(f"{key}: shape {tuple(t.shape)} on disk, {tuple(ref.shape)} expected from config.json")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckFailed(f"{key}: has NaN or inf values")
+        new_sd[key] = t.to(ref.dtype)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise CheckFailed(f"unexpected tensors in '{folder}' that no module of {arch} takes: {', '.join(extra[:5])}{more}")
+    model.load_state_dict(new_sd, strict=True)
+    info = {
+        "architecture": arch,
+        "num_qlinears": num_q,
+        "w_bit": bits,
+        "group_size": group_size,
+        "codes_ok": True,
+        "safetensors_bytes": sum(sizes.values()),
+        "files_bytes": sizes,
+    }
+    return model, info
+
+
+def load_dequantized(folder: Path, dtype: torch.dtype = torch.float32, build_model: Callable[[Any], nn.Module] | None = None):
+    """Rebuild the model in an AWQ folder as a plain (dequantized) transformers model.
+
+    Builds the stock transformers class named by ``config.json`` (``architectures[0]``,
+    config minus ``quantization_config``; or ``build_model(config)`` for per-layer-shaped
+    models) and fills EVERY parameter from the tensors on disk: quantized Linears from
+    ``qweight``/``qzeros``/``scales`` (+ ``bias``), everything else (embeddings, norms
+    that carry AWQ's folded activation scales, lm_head) as stored. Needs neither
+    AutoAWQ nor a GPU. Raises :class:`CheckFailed` naming the tensor on a missing or
+    unexpected tensor, a bad shape, an out-of-range code, or NaN/inf/non-positive scales.
+    """
+    return _load(Path(folder), dtype, build_model)[0]
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        dev = next(model.parameters()).device
+        return model(input_ids=input_ids.to(dev)).logits.float().cpu()
+    finally:
+        model.train(was_training)
+
+
+def verify_awq_folder(
+    folder: Path,
+    reference_model: nn.Module | None = None,
+    input_ids: torch.Tensor | None = None,
+    max_rel_logit_err: float = DEFAULT_MAX_REL_LOGIT_ERR,
+    min_top1_agreement: float = DEFAULT_MIN_TOP1_AGREEMENT,
+    build_model: Callable[[Any], nn.Module] | None = None,
+) -> dict:
+    """Check an AWQ folder from its tensors alone, and against the unquantized model.
+
+    Always: :func:`load_dequantized` (every code/zero unpacked and range-checked,
+    every scale finite and positive, every parameter present with the right shape,
+    no stray tensors). With ``reference_model``: logits of both on ``input_ids``
+    (default: a fixed pseudo-random batch, 2 x 64 tokens, seed 0; pass real text for a
+    meaningful top-1 number), reporting ``max_abs_logit_diff``, ``rel_logit_err``
+    = ||q - r|| / ||r|| and ``top1_agreement``; :class:`CheckFailed` if
+    ``rel_logit_err > max_rel_logit_err`` or ``top1_agreement < min_top1_agreement``.
+
+    Default bound: rel_logit_err <= 0.25 and top1_agreement >= 0.5. Measured on this
+    machine (AutoAWQ 4 bit, group 128, tiny random 2-layer models, hidden 256/512,
+    logits on pydoc text): rel_logit_err 0.02-0.07 and top-1 agreement 0.86-0.99
+    (see tests/quant/test_awq.py); a corrupted folder (e.g. one qweight with flipped
+    bits) lands far outside. The bound leaves ~4x margin for honest 4-bit error.
+    """
+    model, info = _load(Path(folder), torch.float32, build_model)
+    out = {"ok": True, **info}
+    if reference_model is None:
+        return out
+    if input_ids is None:
+        g = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(0, int(model.config.vocab_size), (2, 64), generator=g)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    ref = _logits(reference_model, input_ids)
+    got = _logits(model, input_ids)
+    if ref.shape != got.shape:
+        raise CheckFailed(f"logit shapes differ: reference {tuple(ref.shape)}, AWQ {tuple(got.shape)}")
+    diff = got - ref
+    rel = float(diff.norm() / ref.norm().clamp_min(1e-12))
+    top1 = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+    out.update(
+        {
+            "max_abs_logit_diff": float(diff.abs().max()),
+            "rel_logit_err": rel,
+            "top1_agreement": top1,
+            "num_tokens_compared": int(input_ids.numel()),
+            "bound": {"max_rel_logit_err": max_rel_logit_err, "min_top1_agreement": min_top1_agreement},
+        }
+    )
+    if not math.isfinite(rel) or rel > max_rel_logit_err or top1 < min_top1_agreement:
+        out["ok"] = False
+        raise CheckFailed(
+            f"AWQ output '{folder}' is too far from the unquantized model: relative logit error {rel:.4f} "
+            f"(limit {max_rel_logit_err}), top-1 agreement {top1:.3f} (minimum {min_top1_agreement}), "
+            f"max |logit diff| {out['max_abs_logit_diff']:.4f}"
+        )
+    return out

@@ -1,0 +1,57 @@
+"""Adapters resolve on every family; a user's adapter file is loaded and used; bad adapters are clear errors."""
+
+import pytest
+
+from gqaprune.adapters import check_adapter_on_model, load_adapter_file, model_shapes, resolve_adapter
+from gqaprune.errors import InputError
+from tiny import FAMILIES, tiny_model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_resolves_on_family(family):
+    model = tiny_model(family)
+    adapter = resolve_adapter("auto", model.config.architectures)
+    assert adapter.name == family
+    check_adapter_on_model(model, adapter)
+    assert model_shapes(model, adapter)[0] == {"num_attention_heads": 8, "num_key_value_heads": 2,
+                                               "intermediate_size": 96}
+
+
+def test_user_adapter_file_is_used(tmp_path):
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "adapters" / "llama.yaml").read_text()
+    user = tmp_path / "my_llama.yaml"
+    user.write_text(text.replace("name: llama", "name: my-llama"))
+    adapter = resolve_adapter(str(user), ["LlamaForCausalLM"])
+    assert adapter.name == "my-llama"
+    check_adapter_on_model(tiny_model("llama"), adapter)
+
+
+def test_adapter_with_wrong_path_names_the_role(tmp_path):
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "adapters" / "llama.yaml").read_text()
+    user = tmp_path / "bad.yaml"
+    user.write_text(text.replace("q: self_attn.q_proj", "q: self_attn.query"))
+    adapter = resolve_adapter(str(user), None)
+    with pytest.raises(InputError, match=r"role 'q' path 'model.layers.0.self_attn.query' does not resolve"):
+        check_adapter_on_model(tiny_model("llama"), adapter)
+
+
+def test_adapter_schema_rejects_unknown_fields(tmp_path):
+    bad = tmp_path / "x.yaml"
+    bad.write_text("name: x\narchitectures: [X]\nmodel: {embed: a, layers: b, final_norm: c, lm_head: d}\n"
+                   "layer: {attention: a, q: a, k: b, v: c, o: d, mlp: m, up: u, down: w, input_norm: n,"
+                   " post_attention_norm: p, rotary: r}\n")
+    with pytest.raises(InputError, match="layer.rotary: unknown key"):
+        load_adapter_file(bad)
+
+
+def test_fused_qkv_needs_a_known_layout(tmp_path):
+    bad = tmp_path / "x.yaml"
+    bad.write_text("name: x\narchitectures: [X]\nmodel: {embed: a, layers: b, final_norm: c, lm_head: d}\n"
+                   "layer: {attention: a, qkv: a, qkv_layout: interleaved, o: d, mlp: m, up: u, down: w,"
+                   " input_norm: n, post_attention_norm: p}\n")
+    with pytest.raises(InputError, match="qkv_layout"):
+        load_adapter_file(bad)

@@ -2,11 +2,14 @@
 
 Two tasks, both made deterministically from the *validation* split of
 ``builtin:pydoc`` (see :mod:`gqaprune.data`), so that they never overlap the
-text the builtin models (and calibration) use:
+text the builtin models (and calibration) use. pydoc repeats passages across
+topics, so validation paragraphs whose text also occurs in the train split are
+left out (:func:`heldout_units`), as are MC items whose true continuation
+occurs there.
 
 ``gqaprune_pydoc_rolling``
-    ``loglikelihood_rolling`` over the first :data:`ROLLING_DOCS` validation
-    paragraphs of at least :data:`ROLLING_MIN_CHARS` characters, raw text as
+    ``loglikelihood_rolling`` over the first :data:`ROLLING_DOCS` held-out
+    validation paragraphs of at least :data:`ROLLING_MIN_CHARS` characters, raw text as
     the corpus has it. Metrics: ``word_perplexity``, ``byte_perplexity``,
     ``bits_per_byte``.
 
@@ -53,19 +56,20 @@ ROLLING_MIN_CHARS = 150
 
 MC_ITEMS = 200
 MC_SEED = 1234
-MC_PREFIX_MIN = 100  # the first item of a paragraph needs at least this much context
+MC_PREFIX_MIN = 80  # the first item of a paragraph needs at least this much context
 MC_PREFIX_MAX = 150  # later items keep the last <= 150 characters as context
 MC_CONT_MIN = 60
 MC_CONT_MAX = 80
 MC_LEN_TOLERANCE = 1  # distractor length within this many characters of the true continuation's
 MC_NUM_CHOICES = 4
-MC_PROSE_RATIO = 0.8  # letters and spaces / characters; drops tables and code
-MC_MIN_PARAGRAPH = 100
+MC_PROSE_RATIO = 0.75  # letters and spaces / characters; drops tables and code
+MC_MIN_PARAGRAPH = 80
 
 _SETTINGS = {
     "generator_version": GENERATOR_VERSION,
     "source": SOURCE,
     "split": SPLIT,
+    "exclude_train_overlap": True,
     "rolling": {"docs": ROLLING_DOCS, "min_chars": ROLLING_MIN_CHARS},
     "mc": {
         "items": MC_ITEMS,
@@ -85,25 +89,43 @@ def _cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "gqaprune"
 
 
-def _units() -> list[str]:
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _source() -> tuple[list[str], list[str]]:
+    """(validation units, train units) of the source."""
     from gqaprune.data import load_units
 
-    return load_units(SOURCE, SPLIT)
+    return load_units(SOURCE, SPLIT), load_units(SOURCE, "train")
 
 
-def tasks_key(units: list[str] | None = None) -> str:
-    """12 hex digits naming the task folder: generator version, settings and validation text."""
-    units = _units() if units is None else units
+def heldout_units(units: list[str], train: list[str]) -> list[str]:
+    """The validation paragraphs whose text does not also occur in the train split.
+
+    ``pydoc_data.topics`` repeats passages between topics, so about a third of
+    the validation paragraphs appear verbatim in train paragraphs; a model
+    trained on train would have memorised them. They are left out of both tasks.
+    """
+    train_text = "\n".join(_norm(t) for t in train)
+    return [u for u in units if _norm(u) not in train_text]
+
+
+def tasks_key(units: list[str] | None = None, train: list[str] | None = None) -> str:
+    """12 hex digits naming the task folder: generator version, settings, validation and train text."""
+    if units is None or train is None:
+        units, train = _source()
     h = hashlib.sha256(json.dumps(_SETTINGS, sort_keys=True).encode())
     h.update(hashlib.sha256("\n\n".join(units).encode()).digest())
+    h.update(hashlib.sha256("\n\n".join(train).encode()).digest())
     return h.hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------- data
 
-def rolling_docs(units: list[str]) -> list[dict]:
-    """The rolling-perplexity documents: the first ROLLING_DOCS paragraphs that are long enough."""
-    docs = [u for u in units if len(u) >= ROLLING_MIN_CHARS][:ROLLING_DOCS]
+def rolling_docs(units: list[str], train: list[str] = ()) -> list[dict]:
+    """The rolling-perplexity documents: the first ROLLING_DOCS held-out paragraphs that are long enough."""
+    docs = [u for u in heldout_units(units, list(train)) if len(u) >= ROLLING_MIN_CHARS][:ROLLING_DOCS]
     return [{"id": i, "text": t} for i, t in enumerate(docs)]
 
 
@@ -178,12 +200,19 @@ def _distractor(rng: random.Random, starts: list[tuple[int, int]], texts: dict, 
     return best
 
 
-def mc_docs(units: list[str]) -> list[dict]:
-    """The multiple-choice items (deterministic for given units)."""
-    paras = [(i, " ".join(u.split())) for i, u in enumerate(units)]
+def mc_docs(units: list[str], train: list[str] = ()) -> list[dict]:
+    """The multiple-choice items (deterministic for given units).
+
+    Only held-out paragraphs (:func:`heldout_units`) are used, and items whose
+    true continuation still occurs in the train text are dropped.
+    ``paragraph`` is the index of the item's paragraph in ``units``.
+    """
+    train_text = "\n".join(_norm(t) for t in train)
+    paras = [(i, _norm(u)) for i, u in enumerate(units) if _norm(u) not in train_text]
     paras = [(i, t) for i, t in paras if len(t) >= MC_MIN_PARAGRAPH and _prose(t)]
     rng = random.Random(MC_SEED)
-    candidates = [(i, t, prefix, cont) for i, t in paras for prefix, cont in _items_of(t, rng)]
+    candidates = [(i, t, prefix, cont) for i, t in paras for prefix, cont in _items_of(t, rng)
+                  if cont not in train_text]
     # distractors come from the same paragraphs as the items, so that true and
     # false continuations are drawn from the same kind of text
     with_items = sorted({i for i, *_ in candidates})
@@ -269,14 +298,17 @@ metadata:
 """
 
 
-def task_files(final: Path, units: list[str] | None = None) -> dict[str, str]:
+def task_files(final: Path, units: list[str] | None = None, train: list[str] | None = None) -> dict[str, str]:
     """File name -> text of every file of the task folder that lives at ``final``."""
-    units = _units() if units is None else units
+    if units is None or train is None:
+        units, train = _source()
     rolling, mc = final / f"{ROLLING_TASK}.jsonl", final / f"{MC_TASK}.jsonl"
-    meta = {"settings": _SETTINGS, "key": tasks_key(units), "tasks": list(LOCAL_TASKS)}
+    rdocs, mdocs = rolling_docs(units, train), mc_docs(units, train)
+    meta = {"settings": _SETTINGS, "key": tasks_key(units, train), "tasks": list(LOCAL_TASKS),
+            "counts": {ROLLING_TASK: len(rdocs), MC_TASK: len(mdocs)}}
     return {
-        rolling.name: _jsonl(rolling_docs(units)),
-        mc.name: _jsonl(mc_docs(units)),
+        rolling.name: _jsonl(rdocs),
+        mc.name: _jsonl(mdocs),
         f"{ROLLING_TASK}.yaml": _rolling_yaml(rolling),
         f"{MC_TASK}.yaml": _mc_yaml(mc),
         "gqaprune_tasks.json": json.dumps(meta, sort_keys=True, indent=2) + "\n",
@@ -290,15 +322,15 @@ def _complete(folder: Path) -> bool:
 
 def task_dir() -> Path:
     """The folder holding the shipped tasks' YAML and data (generated on first use)."""
-    units = _units()
+    units, train = _source()
     root = _cache_root() / "lm_eval_tasks"
-    final = root / tasks_key(units)
+    final = root / tasks_key(units, train)
     if _complete(final):
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
-        for name, text in task_files(final, units).items():
+        for name, text in task_files(final, units, train).items():
             (tmp / name).write_text(text, encoding="utf-8")
         if final.exists() and not _complete(final):
             shutil.rmtree(final, ignore_errors=True)  # damaged by hand; rebuild it

@@ -99,20 +99,33 @@ def _import_awq():
 
 @contextlib.contextmanager
 def _quiet(progress: bool):
-    """Silence AutoAWQ's warnings and (unless ``progress``) its tqdm bars."""
-    old = os.environ.get("TQDM_DISABLE")
+    """Silence AutoAWQ's warnings and (unless ``progress``) its and transformers' tqdm bars,
+    restoring everything afterwards."""
+    import functools
+
+    from transformers.utils import logging as hf_logging
+
+    patched = []
+    bars_were_on = hf_logging.is_progress_bar_enabled()
     if not progress:
-        os.environ["TQDM_DISABLE"] = "1"
+        import awq.models.base as awq_base
+        import awq.quantize.quantizer as awq_quantizer
+
+        for mod in (awq_quantizer, awq_base):
+            orig = getattr(mod, "tqdm", None)
+            if orig is not None:
+                patched.append((mod, orig))
+                mod.tqdm = functools.partial(orig, disable=True)
+        hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        if not progress:
-            if old is None:
-                os.environ.pop("TQDM_DISABLE", None)
-            else:
-                os.environ["TQDM_DISABLE"] = old
+        for mod, orig in patched:
+            mod.tqdm = orig
+        if bars_were_on and not progress:
+            hf_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------- width rules
@@ -436,7 +449,7 @@ def quantize_folder(
     cfg = _read_config(src)
     if "quantization_config" in cfg:
         raise InputError(f"'{src}' is already quantized ({cfg['quantization_config'].get('quant_method', '?')}); AWQ needs an unquantized model")
-    arch = architecture or _architecture_of(cfg, src)
+    arch = architecture or _architecture_of(cfg, src).removeprefix("PerLayer")
     if arch not in AWQ_ARCHITECTURES:
         raise InputError(f"architecture {arch} is not supported by the AWQ stage; supported: {supported_architectures_text()}")
     model_type = AWQ_ARCHITECTURES[arch]
@@ -453,11 +466,17 @@ def quantize_folder(
 
     torch.manual_seed(seed)
     calib_dtype = torch.float16 if torch.cuda.is_available() else torch.float32
+    per_layer = bool(cfg.get("gqaprune_layers"))
     try:
-        if model_loader is not None:
-            model = model_loader(src)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(src), dtype=calib_dtype, trust_remote_code=trust_remote_code)
+        with _quiet(progress):
+            if model_loader is not None:
+                model = model_loader(src)
+            elif per_layer:
+                from gqaprune.checkpoint import load_pretrained
+
+                model = load_pretrained(src, dtype=calib_dtype)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(str(src), dtype=calib_dtype, trust_remote_code=trust_remote_code)
     except (InputError, CheckFailed):
         raise
     except Exception as e:
@@ -508,6 +527,8 @@ def quantize_folder(
         with _quiet(progress):
             wrapper.save_quantized(str(tmp))
             tokenizer.save_pretrained(str(tmp))
+        for py in src.glob("*.py"):  # remote code named by auto_map (per-layer-shaped models)
+            shutil.copyfile(py, tmp / py.name)
         if dst.exists():
             dst.rmdir()
         tmp.rename(dst)
@@ -596,9 +617,14 @@ def _load(folder: Path, dtype: torch.dtype, build_model: Callable[[Any], nn.Modu
     if build_model is not None:
         model = build_model(config)
     else:
-        cls = getattr(transformers, arch, None)
+        cls = getattr(transformers, arch.removeprefix("PerLayer"), None)
         if cls is None:
             raise InputError(f"{folder / 'config.json'}: architecture {arch} is not a transformers model class")
+        if cfg.get("gqaprune_layers"):
+            # per-layer-shaped (gqaprune.modeling_perlayer): the stock class with its layers rebuilt
+            from gqaprune.modeling_perlayer import per_layer_class
+
+            cls = per_layer_class(cls)
         model = cls(config)
     model = model.to(dtype).eval()
 

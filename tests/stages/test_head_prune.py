@@ -1,0 +1,93 @@
+"""head_prune scoring and selection on hand-built cases."""
+
+import pytest
+import torch
+
+from gqaprune.adapters import decoder_layers, get_module, model_shapes, resolve_adapter
+from gqaprune.context import RunContext
+from gqaprune.errors import InputError
+from gqaprune.recipe import HeadPruneStage, Recipe
+from gqaprune.stages.amounts import heads_removed
+from gqaprune.stages.head_prune import HeadPrune
+from tiny import tiny_inputs, tiny_model
+
+
+def _ctx(model):
+    recipe = Recipe(model="x", output="o", stages=[{"type": "head_prune", "prune_ratio": 0.5}])
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, 96, (8, 16), generator=gen)
+    adapter = resolve_adapter("auto", model.config.architectures)
+    return RunContext(model=model, adapter=adapter, tokenizer=None, recipe=recipe, calib=calib, progress=False)
+
+
+def _zero_group(model, adapter, layer, group, g=4, hd=16):
+    lay = decoder_layers(model, adapter)[layer]
+    with torch.no_grad():
+        for h in range(group * g, (group + 1) * g):
+            if adapter.layer.fused_qkv:
+                get_module(lay, adapter.layer.qkv).weight[h * hd:(h + 1) * hd] = 0
+            else:
+                get_module(lay, adapter.layer.q).weight[h * hd:(h + 1) * hd] = 0
+            get_module(lay, adapter.layer.o).weight[:, h * hd:(h + 1) * hd] = 0
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+@pytest.mark.parametrize("score", ["taylor", "taylor2", "magnitude", "activation", "reconstruction"])
+def test_zero_group_ranks_lowest_and_is_removed(family, score):
+    model = tiny_model(family)
+    ctx = _ctx(model)
+    _zero_group(model, ctx.adapter, 1, group=1)
+    _zero_group(model, ctx.adapter, 0, group=0)
+    rep = HeadPrune(HeadPruneStage(type="head_prune", prune_ratio=0.5, score=score, reconstruct="none")).apply(ctx)
+    assert rep["layers"][0]["removed_kv_heads"] == [0]
+    assert rep["layers"][1]["removed_kv_heads"] == [1]
+    gs = rep["layers"][1]["group_scores"]
+    assert gs[1] < gs[0]
+
+
+def test_truncate_keeps_first_heads_and_random_is_seeded():
+    model = tiny_model("llama")
+    ctx = _ctx(model)
+    rep = HeadPrune(HeadPruneStage(type="head_prune", unit="query_head", keep_q_per_kv=1, score="truncate",
+                                   reconstruct="none")).apply(ctx)
+    assert rep["layers"][0]["removed_q_heads"] == [1, 2, 3, 5, 6, 7]
+    picks = []
+    for _ in range(2):
+        ctx = _ctx(tiny_model("llama"))
+        rep = HeadPrune(HeadPruneStage(type="head_prune", unit="query_head", prune_ratio=0.5, score="random",
+                                       reconstruct="none")).apply(ctx)
+        picks.append([l["removed_q_heads"] for l in rep["layers"]])
+    assert picks[0] == picks[1]
+
+
+def test_invalid_ratios_list_valid_values():
+    cfg = HeadPruneStage(type="head_prune", prune_ratio=0.3)
+    with pytest.raises(InputError, match=r"valid ratios: 1/4 \(0.25\), 1/2 \(0.5\), 3/4 \(0.75\)"):
+        heads_removed(cfg, 28, 4)
+    cfg = HeadPruneStage(type="head_prune", unit="query_head", prune_ratio=0.3)
+    with pytest.raises(InputError, match=r"valid ratios: 1/7 .*6/7"):
+        heads_removed(cfg, 28, 4)
+    assert heads_removed(HeadPruneStage(type="head_prune", prune_ratio=0.3, round="nearest"), 28, 4) == 1
+
+
+def test_by_layer_importance_and_protect_layers():
+    model = tiny_model("llama", num_hidden_layers=4)
+    ctx = _ctx(model)
+    rep = HeadPrune(HeadPruneStage(type="head_prune", unit="query_head", prune_ratio=0.5,
+                                   allocation="by_layer_importance", protect_layers=[-1], reconstruct="none")).apply(ctx)
+    removed = rep["removed_per_layer"]
+    assert removed[3] == 0 and sum(removed) == 2 * 3
+    shapes = model_shapes(model, ctx.adapter)
+    assert shapes[3]["num_attention_heads"] == 8
+    ids = tiny_inputs()
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_least_squares_reduces_reconstruction_error():
+    model = tiny_model("qwen2")
+    ctx = _ctx(model)
+    rep = HeadPrune(HeadPruneStage(type="head_prune", prune_ratio=0.5, score="taylor")).apply(ctx)
+    for layer in rep["layers"]:
+        assert layer["rel_error_lsq"] <= layer["rel_error_slice"] + 1e-12
+    assert any(layer["rel_error_lsq"] < 0.9 * layer["rel_error_slice"] for layer in rep["layers"])

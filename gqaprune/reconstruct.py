@@ -68,3 +68,28 @@ def obs_block_costs(w: torch.Tensor, c: torch.Tensor, blocks: list[torch.Tensor]
         pbb_inv = torch.linalg.pinv(p[b][:, b])
         costs.append(torch.einsum("oi,ij,oj->", wb, pbb_inv, wb))
     return torch.stack(costs).float()
+
+
+def repair_paired(w: torch.Tensor, c_dense: torch.Tensor, cross: torch.Tensor, c_kept: torch.Tensor,
+                  damp: float = 0.01) -> tuple[torch.Tensor, dict]:
+    """Sequential repair: the kept weight W' minimizing ||W X - W' X'_K||^2.
+
+    X are the projection's inputs in the unpruned model, X'_K the kept inputs in the model whose
+    earlier layers are already pruned. c_dense = X^T X (in, in), cross = X^T X'_K (in, k),
+    c_kept = X'_K^T X'_K (k, k). W' = W cross (c_kept + lambda I)^-1.
+    """
+    w64 = w.detach().double().cpu()
+    k = c_kept.shape[0]
+    lam = damp * float(torch.diagonal(c_kept).mean().clamp_min(1e-12))
+    a = c_kept + lam * torch.eye(k, dtype=c_kept.dtype)
+    rhs = (w64 @ cross).T  # (k, out)
+    chol, info = torch.linalg.cholesky_ex(a)
+    sol = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.pinv(a) @ rhs
+    new = sol.T  # (out, k)
+
+    def err(wk):
+        num = (torch.einsum("oi,ij,oj->", w64, c_dense, w64) - 2 * torch.einsum("oi,ik,ok->", w64, cross, wk)
+               + torch.einsum("ok,kl,ol->", wk, c_kept, wk))
+        return float(num / torch.einsum("oi,ij,oj->", w64, c_dense, w64).clamp_min(1e-300))
+
+    return new.to(dtype=w.dtype, device=w.device), {"rel_error_lsq": err(new)}

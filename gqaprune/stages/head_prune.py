@@ -8,13 +8,16 @@ score is the sum of its query heads' scores plus its KV head's, which counts onc
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from gqaprune.adapters import decoder_layers, get_module, head_dim_of, layer_shape
 from gqaprune.context import RunContext
-from gqaprune.reconstruct import obs_block_costs, repair
+from gqaprune.reconstruct import obs_block_costs, relative_error, repair, repair_paired
 from gqaprune.recipe import HeadPruneStage
 from gqaprune.scoring import collect_stats, head_magnitude_scores, head_taylor_scores, role_paths
+from gqaprune.sequential import paired_grams
 from gqaprune.stages.amounts import heads_removed, protected, spread
 from gqaprune.stages.layer_drop import layer_distances
 from gqaprune.surgery import prune_heads
@@ -118,7 +121,8 @@ class HeadPrune:
         n_remove = heads_removed(c, shapes[0]["num_attention_heads"], shapes[0]["num_key_value_heads"])
 
         o_paths = [role_paths(adapter, i, ["o"])["o"] for i in range(n_layers)]
-        want_gram = c.reconstruct == "least_squares" or c.score == "reconstruction"
+        sequential = ctx.recipe.calibration.sequential and c.reconstruct == "least_squares"
+        want_gram = (c.reconstruct == "least_squares" and not sequential) or c.score == "reconstruction"
         taylor_paths = []
         if c.score in ("taylor", "taylor2"):
             for i in range(n_layers):
@@ -129,6 +133,7 @@ class HeadPrune:
             head_dim=hd, batch_size=ctx.batch_size, progress=ctx.progress, desc=f"head scores ({c.score})",
         )
         scores = {i: self.layer_scores(ctx, stats, i) for i in range(n_layers)}
+        dense = copy.deepcopy(model).eval() if sequential else None  # targets: the model before this stage
         removals = self.per_layer_removals(ctx, scores, prot, n_remove, n_layers)
 
         per_layer = []
@@ -159,7 +164,16 @@ class HeadPrune:
                 o_mod = get_module(layers[i], adapter.layer.o)
                 w_old = o_mod.weight.detach().clone()
                 prune_heads(model, adapter, i, keep)
-                if c.reconstruct == "least_squares":
+                if sequential:
+                    grams = paired_grams(dense, model, adapter, i, adapter.layer.o, ctx.calib, ctx.batch_size)
+                    cols = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in kept_q])
+                    slice_err = relative_error(w_old.cpu(), grams[0], cols, w_old.cpu()[:, cols])
+                    new_w, err = repair_paired(w_old, *grams, c.reconstruct_damp)
+                    err["rel_error_slice_dense_inputs"] = slice_err
+                    with torch.no_grad():
+                        get_module(layers[i], adapter.layer.o).weight.copy_(new_w)
+                    entry.update(err)
+                elif c.reconstruct == "least_squares":
                     cols = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in kept_q])
                     new_w, err = repair(w_old, stats.gram[o_paths[i]], cols, c.reconstruct_damp)
                     with torch.no_grad():
@@ -171,6 +185,7 @@ class HeadPrune:
         return {
             "unit": c.unit, "score": c.score, "allocation": c.allocation, "reconstruct": c.reconstruct,
             "removed_per_layer": [removals[i] for i in range(n_layers)],
+            "sequential": sequential,
             "scoring_seconds": round(stats.seconds, 3), "scoring_peak_rss_mb": round(stats.peak_rss_mb, 1),
             "layers": per_layer,
         }

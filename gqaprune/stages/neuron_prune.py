@@ -9,13 +9,16 @@ random (seeded). Kept widths are multiples of `align`.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from gqaprune.adapters import decoder_layers, get_module, head_dim_of, layer_shape
 from gqaprune.context import RunContext
-from gqaprune.reconstruct import repair
+from gqaprune.reconstruct import relative_error, repair, repair_paired
 from gqaprune.recipe import NeuronPruneStage
 from gqaprune.scoring import channel_magnitude_scores, channel_taylor_scores, collect_stats, role_paths
+from gqaprune.sequential import paired_grams
 from gqaprune.stages.amounts import aligned_keep, protected
 from gqaprune.surgery import prune_channels
 
@@ -55,7 +58,8 @@ class NeuronPrune:
         cand = [i for i in range(n_layers) if i not in prot]
 
         down_paths = [role_paths(adapter, i, ["down"])["down"] for i in range(n_layers)]
-        want_gram = c.reconstruct == "least_squares" or c.score == "reconstruction"
+        sequential = ctx.recipe.calibration.sequential and c.reconstruct == "least_squares"
+        want_gram = (c.reconstruct == "least_squares" and not sequential) or c.score == "reconstruction"
         taylor_paths = []
         if c.score == "taylor":
             for i in range(n_layers):
@@ -67,6 +71,7 @@ class NeuronPrune:
             batch_size=ctx.batch_size, progress=ctx.progress, desc=f"channel scores ({c.score})",
         )
         scores = {i: self.layer_scores(ctx, stats, i, widths[i]).float() for i in range(n_layers)}
+        dense = copy.deepcopy(model).eval() if sequential else None  # targets: the model before this stage
 
         keep_n: dict[int, int] = {}
         rounding = {}
@@ -98,7 +103,14 @@ class NeuronPrune:
                 down = get_module(layers[i], adapter.layer.down)
                 w_old = down.weight.detach().clone()
                 prune_channels(model, adapter, i, keep.tolist())
-                if c.reconstruct == "least_squares":
+                if sequential:
+                    grams = paired_grams(dense, model, adapter, i, adapter.layer.down, ctx.calib, ctx.batch_size)
+                    new_w, err = repair_paired(w_old, *grams, c.reconstruct_damp)
+                    err["rel_error_slice_dense_inputs"] = relative_error(w_old.cpu(), grams[0], keep, w_old.cpu()[:, keep])
+                    with torch.no_grad():
+                        get_module(layers[i], adapter.layer.down).weight.copy_(new_w)
+                    entry.update(err)
+                elif c.reconstruct == "least_squares":
                     new_w, err = repair(w_old, stats.gram[down_paths[i]], keep, c.reconstruct_damp)
                     with torch.no_grad():
                         get_module(layers[i], adapter.layer.down).weight.copy_(new_w)
@@ -110,6 +122,7 @@ class NeuronPrune:
             per_layer.append(entry)
         return {
             "score": c.score, "allocation": c.allocation, "reconstruct": c.reconstruct, "align": c.align,
+            "sequential": sequential,
             "scoring_seconds": round(stats.seconds, 3), "scoring_peak_rss_mb": round(stats.peak_rss_mb, 1),
             "layers": per_layer,
         }

@@ -270,7 +270,7 @@ def _check_loading_info(path: Path, info: dict) -> None:
                       ("mismatched_keys", "with a different shape"), ("error_msgs", "errors")):
         items = info.get(key) or []
         if items:
-            items = sorted(str(x) for x in items)
+            items = sorted(x[0] if isinstance(x, tuple) else str(x) for x in items)
             problems.append(f"{len(items)} {what} ({', '.join(items[:5])}{', ...' if len(items) > 5 else ''})")
     if problems:
         raise CheckFailed(f"'{path}': the weights do not match the model built from its config: "
@@ -303,7 +303,8 @@ def load_pretrained(path, dtype=None, device="cpu", attn_implementation=None) ->
 
     path = Path(path)
     raw = _check_folder(path)
-    kwargs = {}
+    # mismatched shapes are reported (and refused) by _check_loading_info, naming the tensors
+    kwargs = {"ignore_mismatched_sizes": True}
     target = _as_dtype(dtype)
     kwargs["dtype"] = target if target is not None else "auto"
     if attn_implementation:
@@ -325,6 +326,10 @@ def load_pretrained(path, dtype=None, device="cpu", attn_implementation=None) ->
                 str(path), config=config, output_loading_info=True, local_files_only=True, **kwargs)
     except SafetensorError as e:
         raise InputError(f"'{path}': corrupt safetensors weights ({e})") from None
+    except (OSError, RuntimeError, ValueError) as e:
+        # e.g. weights whose shapes do not match the config (transformers raises on mismatched sizes)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"'{path}': cannot load the model from its config and weights: {first}") from None
     _check_loading_info(path, info)
     if device is not None:
         model.to(device)

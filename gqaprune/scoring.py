@@ -72,14 +72,15 @@ def collect_stats(model: nn.Module, batches: torch.Tensor, *, taylor_paths: list
     for p in model.parameters():
         p.requires_grad_(False)
 
-    def grad_hook_for(path: str, is_bias: bool, weight_param: nn.Parameter | None = None):
+    def grad_hook_for(path: str, is_bias: bool):
         def hook(p: torch.Tensor):
             prod = (p.detach() * p.grad).float()  # w * dL/dw
             p.grad = None  # reduce as it arrives; never keep the gradient
-            for store, val in ((stats.taylor, prod.abs()), (stats.taylor2, prod.pow(2) / 2) if taylor2 else (None, None)):
-                if store is None:
-                    continue
-                if is_bias:
+            terms = [(stats.taylor, prod.abs())]
+            if taylor2:
+                terms.append((stats.taylor2, prod.pow(2) / 2))
+            for store, val in terms:
+                if is_bias:  # a bias entry belongs to its output row
                     store[path].rows += val
                 else:
                     store[path].rows += val.sum(1)

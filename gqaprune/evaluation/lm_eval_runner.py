@@ -15,6 +15,7 @@ only JSON-friendly numbers (a stderr lm-eval could not compute is left out).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -94,8 +95,6 @@ def _no_task_progress(enabled: bool):
     if enabled:
         yield
         return
-    import functools
-
     import lm_eval.api.task as task_mod
 
     orig = getattr(task_mod, "tqdm", None)
@@ -131,6 +130,26 @@ def _make_lm(model, tokenizer, batch_size: int, progress: bool):
         return _HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
+@contextlib.contextmanager
+def _rng_restored():
+    """Give back the global python/numpy/torch RNG states that simple_evaluate reseeds."""
+    import random
+
+    import numpy as np
+    import torch
+
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def _include_paths(include_path: str | os.PathLike | None) -> list[str]:
     paths = [str(task_dir())]
     if include_path is not None and str(include_path) != "":
@@ -141,24 +160,56 @@ def _include_paths(include_path: str | os.PathLike | None) -> list[str]:
     return paths
 
 
+def _unknown_error(unknown: list[str]) -> InputError:
+    names = ", ".join(f"'{t}'" for t in unknown)
+    return InputError(
+        f"unknown lm-eval task {names}; the package's offline tasks are {', '.join(LOCAL_TASKS)} "
+        f"(other lm-eval tasks need their data available offline; add your own task YAMLs with include_path)"
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _lm_eval_task_text() -> str:
+    """The text of lm-eval's own task configs (YAML and Python), read once.
+
+    Every name lm-eval registers (task, group or tag) is written literally in
+    one of these files, so a name absent from this text is certainly unknown;
+    reading them is ~10x faster than lm-eval parsing them into its index.
+    """
+    import lm_eval.tasks
+
+    root = Path(lm_eval.tasks.__file__).parent
+    parts = []
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if f.endswith((".yaml", ".yml", ".py")):
+                with open(os.path.join(dirpath, f), encoding="utf-8", errors="replace") as fh:
+                    parts.append(fh.read())
+    return "\n".join(parts)
+
+
+def _is_pattern(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
 def _task_manager(tasks: list[str], paths: list[str]):
     """A TaskManager that knows ``tasks``: ours and the user's first (fast), lm-eval's own if needed."""
     from lm_eval.tasks import TaskManager
 
     tm = TaskManager(include_path=paths, include_defaults=False)
-    if all(_known(tm, t) for t in tasks):
+    missing = [t for t in tasks if not _known(tm, t)]
+    if not missing:
         return tm
+    surely_unknown = [t for t in missing if not _is_pattern(t) and t not in _lm_eval_task_text()]
+    if surely_unknown:
+        raise _unknown_error(surely_unknown)
     key = tuple(paths)
     if key not in _full_manager_cache:  # scanning lm-eval's ~15k task configs takes seconds
         _full_manager_cache[key] = TaskManager(include_path=paths, include_defaults=True)
     tm = _full_manager_cache[key]
     unknown = [t for t in tasks if not _known(tm, t)]
     if unknown:
-        names = ", ".join(f"'{t}'" for t in unknown)
-        raise InputError(
-            f"unknown lm-eval task {names}; the package's offline tasks are {', '.join(LOCAL_TASKS)} "
-            f"(other lm-eval tasks need their data available offline; add your own task YAMLs with include_path)"
-        )
+        raise _unknown_error(unknown)
     return tm
 
 
@@ -167,7 +218,17 @@ def _known(tm, name: str) -> bool:
         return True
     if name.endswith((".yaml", ".yml")) and Path(name).is_file():
         return True
-    return bool(tm.match_tasks([name])) if any(c in name for c in "*?[") else False
+    return bool(tm.match_tasks([name])) if _is_pattern(name) else False
+
+
+def _expand(tm, tasks: list[str]) -> list[str]:
+    """Glob patterns (``gqaprune_*``) replaced by the task names they match, order kept, no repeats."""
+    out: list[str] = []
+    for t in tasks:
+        for name in (sorted(tm.match_tasks([t])) if _is_pattern(t) else [t]):
+            if name not in out:
+                out.append(name)
+    return out
 
 
 def _is_offline_data_error(exc: BaseException) -> bool:
@@ -255,12 +316,14 @@ def run_lm_eval(model, tokenizer, tasks: list[str] | tuple[str, ...] | None = No
                 bootstrap_iters: int = 100, progress: bool = False) -> dict[str, dict[str, float]]:
     """Evaluate ``model`` (a loaded HF causal LM, on any device) on lm-eval ``tasks``, offline.
 
-    ``tasks`` defaults to :data:`LOCAL_TASKS`. ``include_path`` is a folder (or
-    file) of extra task YAMLs. Returns ``{task: {metric: value, ...}}`` with
-    ``<metric>_stderr`` entries where lm-eval computed them and ``samples``
-    (documents evaluated). Seeds python, numpy, torch and few-shot sampling
-    from ``seed``. The model is evaluated in eval mode; its train/eval mode is
-    restored afterwards. ``progress`` shows lm-eval's progress bars.
+    ``tasks`` defaults to :data:`LOCAL_TASKS`; names may be glob patterns
+    (``gqaprune_*``). ``include_path`` is a folder (or file) of extra task
+    YAMLs. Returns ``{task: {metric: value, ...}}`` with ``<metric>_stderr``
+    entries where lm-eval computed them and ``samples`` (documents evaluated).
+    Seeds python, numpy, torch and few-shot sampling from ``seed`` (the
+    caller's global RNG states are restored afterwards). The model is evaluated
+    in eval mode on its own device; its train/eval mode is restored afterwards.
+    ``progress`` shows lm-eval's progress bars.
     """
     tasks = list(LOCAL_TASKS if not tasks else tasks)
     bad = [t for t in tasks if not isinstance(t, str) or not t.strip()]
@@ -273,10 +336,11 @@ def run_lm_eval(model, tokenizer, tasks: list[str] | tuple[str, ...] | None = No
     paths = _include_paths(include_path)
 
     was_training = getattr(model, "training", False)
-    with _offline(), _quiet(), _no_task_progress(progress):
+    with _offline(), _quiet(), _no_task_progress(progress), _rng_restored():
         import lm_eval
 
         tm = _task_manager(tasks, paths)
+        tasks = _expand(tm, tasks)
         loaded = _load_tasks(tm, tasks)
         lm = _make_lm(model, tokenizer, batch_size, progress)
         try:

@@ -1,0 +1,80 @@
+"""Fixtures for the evaluation tests: a small BPE tokenizer and a tiny random Llama, no downloads."""
+
+from __future__ import annotations
+
+import pytest
+
+EOS = "<|endoftext|>"
+
+
+def build_tokenizer(vocab_size: int = 512, paragraphs: int = 400):
+    """A byte-level BPE trained on the first ``paragraphs`` train paragraphs of builtin:pydoc."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from gqaprune.data import load_units
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(load_units("builtin:pydoc", "train")[:paragraphs], trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS, model_max_length=1024
+    )
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    return build_tokenizer()
+
+
+def build_tiny_llama(tokenizer, seed: int = 0):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    return tf.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(bpe_tokenizer):
+    return build_tiny_llama(bpe_tokenizer)
+
+
+@pytest.fixture
+def task_cache(tmp_path, monkeypatch):
+    """A private GQAPRUNE_CACHE so generated task folders never touch the user's cache."""
+    monkeypatch.setenv("GQAPRUNE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny models run fastest on one thread, and do not fight parallel jobs for cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -35,16 +35,29 @@ global norm of ``GRAD_CLIP``.
 
 Engine
 ------
-``accelerate.Accelerator``: the same recipe run under
-``accelerate launch --cpu --num_processes N -m gqaprune run RECIPE`` (or on several GPUs) trains
-data-parallel (DDP; gloo on CPU). Every process draws its own windows (the generator is seeded with
-the recipe seed, the index of this recover stage among the run's recover stages and the process
-index); DDP averages the gradients, so all processes end with the same weights. Single-process runs
-are deterministic given the recipe seed. The global torch RNG is forked during the stage, so the
-stage neither depends on nor disturbs the RNG state of the rest of the run.
+``accelerate.Accelerator`` (``prepare``, ``accumulate``, ``backward``, ``unwrap_model``). Started by a
+distributed launcher, the same recipe trains data-parallel (DDP; gloo on CPU, NCCL on GPUs)::
+
+    accelerate launch --multi_gpu --num_processes 2 -m gqaprune run RECIPE   # also on a CPU-only host
+    torchrun --nproc_per_node 2 -m gqaprune run RECIPE                       # the same thing
+
+On a host without GPUs the stage's ``Accelerator(cpu=True)`` joins the processes over gloo. Note that
+``accelerate launch --cpu --num_processes 2`` starts ONE process in accelerate 1.x (its CPU launcher
+only spawns several through ``--mpirun_hostfile``); the stage report's ``world_size`` says what ran.
+Every process draws its own windows (the generator is seeded with the recipe seed, the index of this
+recover stage among the run's recover stages and the process index); DDP averages the gradients, so
+all processes end with the same weights (and later stages make the same decisions on every rank).
+Single-process runs are deterministic given the recipe seed. The global torch RNG is forked during
+the stage, so the stage neither depends on nor disturbs the RNG state of the rest of the run.
 
 After training the model is unwrapped (and merged, for LoRA), put in eval mode, and every
 parameter's ``requires_grad`` flag is restored to what it was before the stage.
+
+Report entry: method, engine, world_size, steps and the batch settings, trainable_params, the data
+source, ``loss_curve`` ([{step, loss, lr}] at step 1, every ``log_every`` steps and the last step,
+averaged over the processes; distill adds its kl and lm parts), loss_first/loss_last, held-out
+``perplexity_before``/``perplexity_after`` of the stage on the first ``PPL_MAX_TOKENS`` evaluation
+tokens (None without evaluation tokens), and train_seconds.
 """
 
 from __future__ import annotations
@@ -52,6 +65,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +111,9 @@ def apply_lora(model: nn.Module, adapter: Adapter, cfg: RecoverStage):
     targets = lora_target_modules(model, adapter, list(cfg.target_roles))
     config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                         target_modules=targets, bias="none")
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft asks a deprecated name
+        return get_peft_model(model, config)
 
 
 def merge_lora(peft_model) -> nn.Module:
@@ -190,6 +206,7 @@ class Recover:
                 raise CheckFailed("recover (distill) needs the teacher: the runner keeps a copy of the model before "
                                   "the first stage when a recipe has a distill stage (ctx.teacher is unset)")
             teacher.eval().requires_grad_(False)
+            t_device = next(teacher.parameters()).device
         stream, data_info = training_stream(ctx, c)
         ppl_before = self._heldout_ppl(ctx, base)
 
@@ -232,7 +249,8 @@ class Recover:
                             lm = lm_loss(logits, ids) if c.alpha < 1 else logits.new_zeros((), dtype=torch.float32)
                             if c.alpha > 0:
                                 with torch.no_grad():
-                                    t_logits = teacher(input_ids=ids, use_cache=False).logits
+                                    t_logits = teacher(input_ids=ids.to(t_device), use_cache=False).logits
+                                t_logits = t_logits.to(logits.device)
                                 if t_logits.shape != logits.shape:
                                     raise CheckFailed(f"recover (distill): teacher logits {tuple(t_logits.shape)} "
                                                       f"and student logits {tuple(logits.shape)} differ in shape")
@@ -276,7 +294,8 @@ class Recover:
         ctx.model = final
         ppl_after = self._heldout_ppl(ctx, final)
         report = {
-            "method": c.method, "steps": c.steps, "lr": c.lr, "batch_size": c.batch_size, "seq_len": c.seq_len,
+            "method": c.method, "engine": f"accelerate ({accelerator.distributed_type.value})",
+            "steps": c.steps, "lr": c.lr, "batch_size": c.batch_size, "seq_len": c.seq_len,
             "grad_accum": c.grad_accum, "warmup_steps": warmup, "world_size": world,
             "windows_per_step": c.batch_size * c.grad_accum * world,
             "tokens_seen": c.steps * c.batch_size * c.grad_accum * world * c.seq_len,

@@ -25,7 +25,8 @@ occurs there.
     (:data:`MC_SEED`). Metrics: ``acc``, ``acc_norm``. Chance is 0.25.
 
 The data (JSONL) and task YAMLs (``dataset_path: json`` with absolute
-``data_files``) are written to ``$GQAPRUNE_CACHE/lm_eval_tasks/<key>/`` where
+``data_files``, and a ``cache_dir`` inside the folder so that ``datasets``
+keeps its Arrow copy there rather than in the user's HF cache) are written to ``$GQAPRUNE_CACHE/lm_eval_tasks/<key>/`` where
 ``<key>`` hashes the generator version, its settings and the validation text
 (so another Python's pydoc text gets its own folder). The folder is built in a
 temporary directory and moved into place with ``os.replace``.
@@ -42,7 +43,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 SOURCE = "builtin:pydoc"
 SPLIT = "validation"
@@ -253,6 +254,7 @@ dataset_path: json
 dataset_kwargs:
   data_files:
     test: {json.dumps(str(data))}
+  cache_dir: {json.dumps(str(data.parent / "hf_datasets_cache"))}
 output_type: loglikelihood_rolling
 test_split: test
 doc_to_text: ""
@@ -280,6 +282,7 @@ dataset_path: json
 dataset_kwargs:
   data_files:
     test: {json.dumps(str(data))}
+  cache_dir: {json.dumps(str(data.parent / "hf_datasets_cache"))}
 output_type: multiple_choice
 test_split: test
 doc_to_text: prefix

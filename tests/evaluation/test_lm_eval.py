@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import socket
 import textwrap
 from pathlib import Path
@@ -45,18 +46,16 @@ def local_results(tmp_path_factory, bpe_tokenizer, tiny_llama):
 def test_task_files_are_deterministic(task_cache):
     first = local_tasks.task_dir()
     assert first.parent == task_cache / "lm_eval_tasks"
-    files = {p.name: p.read_bytes() for p in first.iterdir()}
+    files = {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()}
     assert {f"{t}{ext}" for t in LOCAL_TASKS for ext in (".yaml", ".jsonl")} <= set(files)
     assert not [p for p in first.parent.iterdir() if p.name.startswith(".tmp")]  # no temp dirs left over
 
     # found again without rewriting, and rebuilt byte for byte after removal
     assert local_tasks.task_dir() == first
-    for p in first.iterdir():
-        p.unlink()
-    first.rmdir()
+    shutil.rmtree(first)
     again = local_tasks.task_dir()
     assert again == first
-    assert {p.name: p.read_bytes() for p in again.iterdir()} == files
+    assert {p.name: p.read_bytes() for p in again.iterdir() if p.is_file()} == files
 
 
 def test_task_folder_repairs_a_damaged_copy(task_cache):
@@ -78,6 +77,8 @@ def test_task_yaml_points_at_local_json(task_cache):
         data = Path(cfg["dataset_kwargs"]["data_files"]["test"])
         assert data.is_absolute() and data.is_file() and data.parent == folder
         assert cfg["test_split"] == "test"
+        # datasets keeps its Arrow copy inside the task folder, not in the user's HF cache
+        assert Path(cfg["dataset_kwargs"]["cache_dir"]).parent == folder
     assert yaml.safe_load((folder / f"{ROLLING}.yaml").read_text())["output_type"] == "loglikelihood_rolling"
     assert yaml.safe_load((folder / f"{MC}.yaml").read_text())["output_type"] == "multiple_choice"
 

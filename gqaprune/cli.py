@@ -23,6 +23,18 @@ def _errors(fn):
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
+        except MemoryError:
+            click.echo("error: out of memory (use fewer calibration samples, a smaller batch_size, or a larger "
+                       "machine)", err=True)
+            sys.exit(1)
+        except OSError as e:  # disk full, permissions, I/O errors outside the runner's own handling
+            click.echo(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), err=True)
+            sys.exit(1)
+        except RuntimeError as e:
+            if type(e).__name__ != "OutOfMemoryError":  # torch's; anything else is a bug: keep the traceback
+                raise
+            click.echo(f"error: out of memory ({str(e).splitlines()[0]})", err=True)
+            sys.exit(1)
     return wrapper
 
 
@@ -92,7 +104,8 @@ def run(recipe, output, force, quiet):
     """Run the recipe: prune, save, reload and compare, evaluate, write the output folder."""
     from gqaprune.runner import run as run_recipe
 
-    report = run_recipe(recipe, output, force, progress=not quiet, command=" ".join(["gqaprune"] + sys.argv[1:]))
+    # report.json records the canonical equivalent command (gqaprune run RECIPE [--output DIR] [--force])
+    report = run_recipe(recipe, output, force, progress=not quiet)
     if "perplexity" in report.get("eval", {}).get("before", {}):
         b, a = report["eval"]["before"]["perplexity"], report["eval"]["after"]["perplexity"]
         click.echo(f"parameters {report['params_before']:,} -> {report['params_after']:,}; "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gqaprune.adapters import Adapter, decoder_layers, head_dim_of, model_shapes
+from gqaprune.adapters import Adapter, check_adapter_on_model, decoder_layers, head_dim_of, model_shapes
 from gqaprune.errors import InputError
 from gqaprune.recipe import Recipe
 from gqaprune.stages.amounts import aligned_keep, heads_removed, protected
@@ -43,8 +43,12 @@ def _dtype_bytes(config) -> int:
 def meta_model(config):
     from transformers import AutoModelForCausalLM
 
+    from gqaprune.modeling_perlayer import apply_per_layer_shapes
+
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config)
+        apply_per_layer_shapes(model, config)  # a per-layer-shaped gqaprune output as the source model
+    return model
 
 
 def _summary(name, model, adapter: Adapter, bytes_per_param: float, notes) -> StagePlan:
@@ -65,6 +69,7 @@ def _tied(model, adapter) -> bool:
 def simulate(recipe: Recipe, config, adapter: Adapter) -> list[StagePlan]:
     """Check every stage against the model's shape and return the plan (the first entry is the source)."""
     model = meta_model(config)
+    check_adapter_on_model(model, adapter)  # every role path resolves, shapes agree: before any weights load
     bpp = _dtype_bytes(config)
     plans = [_summary("source", model, adapter, bpp, [])]
     arch = (config.architectures or [type(model).__name__])[0]

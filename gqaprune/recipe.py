@@ -245,7 +245,7 @@ def _line_of(node, loc: tuple) -> int | None:
 def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
     try:
         raw = yaml.safe_load(text)
-        node = yaml.compose(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)  # nodes only (no objects); SafeLoader all the same
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""

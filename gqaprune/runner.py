@@ -1,8 +1,22 @@
 """`gqaprune run`: recipe -> model -> stages -> save -> reload -> compare -> evaluate -> output folder.
 
-Everything is built in a temporary folder beside the output path and renamed into place
-at the end, so the output path never holds a half-written folder. SIGINT/SIGTERM remove
-the temporary folder.
+Order of work: everything that can be checked without weights (recipe, output path, config,
+adapter, plan), then every input that is cheap to read (model folder, tokenizer, calibration
+and evaluation tokens), and only then the weights. Bad input is an InputError (exit 2) raised
+before any folder is created.
+
+Everything is built in a temporary folder ``.<name>.gqaprune-tmp-<pid>`` beside the output
+path and renamed into place at the end, so the output path never holds a half-written
+folder. SIGINT/SIGTERM at any point remove the temporary folders (also the AWQ stage's
+``-fp`` folder) and exit with 128 + the signal number; temporary folders left by a killed run
+(SIGKILL, power loss) are removed by the next run at the same output path.
+
+Reproducibility: with the same recipe, model files, data and library versions (and the same
+torch thread count and hardware), every output file except report.json and README.md
+(which hold timings) is byte-identical between runs; ``report.json`` records the sha256 of
+the recipe, of every input model file, of the calibration and evaluation tokens (and of file
+sources), of every output file (``files_sha256``, without report.json and README.md), the
+library versions and the command; ``gqaprune verify OUTPUT`` recomputes the output hashes.
 """
 
 from __future__ import annotations
@@ -80,17 +94,21 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def hash_folder(folder: Path, skip=("report.json", "README.md")) -> dict[str, str]:
-    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and str(p.relative_to(folder)) not in skip}
+UNHASHED_OUTPUT_FILES = ("report.json", "README.md")  # they hold timings; every other output file is hashed
+
+
+def hash_folder(folder: Path, skip=UNHASHED_OUTPUT_FILES) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (relative POSIX paths, sorted), except ``skip``."""
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).as_posix() not in skip}
 
 
 @torch.no_grad()
-def check_finite(model, ids: torch.Tensor, where: str) -> None:
+def check_finite(model, ids: torch.Tensor, where: str, when: str = "after this stage") -> None:
     logits = model(input_ids=ids.to(next(model.parameters()).device), use_cache=False).logits
     if not torch.isfinite(logits).all():
         bad = int((~torch.isfinite(logits)).sum())
-        raise CheckFailed(f"{where}: the model produces NaN or inf logits ({bad} values) after this stage")
+        raise CheckFailed(f"{where}: the model produces NaN or inf logits ({bad} values) {when}; nothing was written")
 
 
 def evaluate(model, tokenizer, eval_cfg, eval_tokens, progress: bool, label: str) -> dict:
@@ -137,11 +155,97 @@ def check_gates(gates, before: dict, after: dict) -> dict:
 
 
 class _Interrupted(BaseException):
-    pass
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
 
 
-def _raise_interrupt(signum, frame):
-    raise _Interrupted(f"interrupted by signal {signum}")
+class _Signals:
+    """SIGINT/SIGTERM raise _Interrupted in the main thread, except while ``defer`` is set (moving the
+    finished folder into place, cleaning up): then the signal is only recorded."""
+
+    def __init__(self):
+        self.defer = False
+        self.pending: int | None = None
+        self.old: dict = {}
+
+    def _handler(self, signum, frame):
+        if self.defer:
+            self.pending = self.pending or signum
+            return
+        raise _Interrupted(signum)
+
+    def install(self) -> None:
+        if _is_main_thread():
+            self.old = {s: signal.signal(s, self._handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        self.old = {}
+
+
+def check_output_path(out: Path, force: bool) -> None:
+    """The output path can be created (or replaced with --force) — checked before any work."""
+    if out.is_symlink() or out.exists():
+        if not out.is_dir():
+            raise InputError(f"output path '{out}' exists and is not a folder")
+        if not force:
+            raise InputError(f"output folder '{out}' exists; pass --force to replace it")
+    parent = out.absolute().parent
+    while not (parent.is_symlink() or parent.exists()):
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"cannot create the output folder '{out}': '{parent}' is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot create the output folder '{out}': no permission to write in '{parent}'")
+
+
+def _check_not_inside(out: Path, model_spec: str) -> None:
+    if is_builtin(model_spec):
+        return
+    o, m = out.resolve(), Path(model_spec).expanduser().resolve()
+    if o == m or o in m.parents:
+        raise InputError(f"the output folder '{out}' would replace the model folder '{model_spec}'; choose another output")
+
+
+def _temp_names(out: Path, pid: int | str) -> list[Path]:
+    return [out.parent / f".{out.name}.gqaprune-tmp-{pid}", out.parent / f".{out.name}.gqaprune-tmp-{pid}-fp",
+            out.parent / f".{out.name}.gqaprune-old-{pid}"]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(out: Path) -> list[str]:
+    """Remove the temporary folders that killed runs (SIGKILL, power loss) left beside ``out``."""
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    prefixes = (f".{out.name}.gqaprune-tmp-", f".{out.name}.gqaprune-old-")
+    for p in sorted(out.parent.iterdir()):
+        if not p.name.startswith(prefixes):
+            continue
+        pid = p.name.split("-")[-2 if p.name.endswith("-fp") else -1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
+def _equivalent_command(recipe_path, output, force) -> str:
+    import shlex
+
+    parts = ["gqaprune", "run", str(recipe_path)] + (["--output", str(output)] if output else []) \
+        + (["--force"] if force else [])
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def run(recipe_path: str, output: str | None = None, force: bool = False, progress: bool = True,
@@ -149,43 +253,61 @@ def run(recipe_path: str, output: str | None = None, force: bool = False, progre
     """Run a recipe; returns the report. Raises GqaError subclasses on failure."""
     t_start = time.perf_counter()
     recipe, recipe_text = load_recipe(recipe_path)
-    out = Path(output or recipe.output or "")
     if not (output or recipe.output):
         raise InputError(f"{recipe_path}: no output folder (set `output:` in the recipe or pass --output)")
-    if out.exists() and not force:
-        raise InputError(f"output folder '{out}' exists; pass --force to replace it")
+    out = Path(output or recipe.output)
+    check_output_path(out, force)
+    _check_not_inside(out, recipe.model)
 
     # -- everything checkable without weights ------------------------------------------------
     config = read_config(recipe.model, recipe.trust_remote_code, progress)
     adapter = resolve_adapter(recipe.adapter, config.architectures)
     plans = simulate(recipe, config, adapter)
     eval_cfg = default_eval(recipe)
-    if recipe.runtime.threads:
-        torch.set_num_threads(recipe.runtime.threads)
+    command = command or _equivalent_command(recipe_path, output, force)
 
     is_main = int(os.environ.get("RANK", "0")) == 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.gqaprune-tmp-{os.getpid()}"
-    old_handlers = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGINT)} \
-        if _is_main_thread() else {}
+    tmp = _temp_names(out, os.getpid())[0]
+    threads_before = torch.get_num_threads()
+    sig = _Signals()
+    sig.install()
+    committed = False
     try:
-        report = _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cfg, out, tmp, progress,
-                            is_main, command, t_start)
+        if recipe.runtime.threads:
+            torch.set_num_threads(recipe.runtime.threads)
+        from gqaprune.checkpoint import _quiet_transformers  # no "sequence longer than model max" warnings
+
+        with _quiet_transformers():
+            inputs = prepare_inputs(recipe, config, eval_cfg, progress)  # bad input fails here, before any folder
+        if is_main:
+            for name in remove_stale_temps(out):
+                log(f"removed {name}, left by an earlier run that was killed")
+        report = _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cfg, inputs, out, tmp,
+                            progress, is_main, command, t_start)
         if not is_main:
             return report
+        sig.defer = True  # from here a signal is recorded, not raised: the rename below must not be cut in half
+        if sig.pending:
+            raise _Interrupted(sig.pending)
+        trash = _temp_names(out, os.getpid())[2]
         if out.exists():  # --force: move the old folder aside first, so the path is never half-written
-            trash = out.parent / f".{out.name}.gqaprune-old-{os.getpid()}"
             os.replace(out, trash)
-            shutil.rmtree(trash, ignore_errors=True)
         os.replace(tmp, out)
+        committed = True
     except _Interrupted as e:
-        raise CheckFailed(f"{e}; nothing was written at {out}", exit_code=130) from None
+        raise CheckFailed(f"{e}; nothing was written at {out}", exit_code=128 + e.signum) from None
     except OSError as e:
-        raise CheckFailed(f"cannot write the output ({e.strerror or e}: {e.filename or out})") from None
+        raise CheckFailed(f"cannot write the output ({e.strerror or e}: {e.filename or out}); "
+                          f"nothing was written at {out}") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+        sig.defer = True
+        for p in _temp_names(out, os.getpid()):
+            shutil.rmtree(p, ignore_errors=True)
+        sig.restore()
+        torch.set_num_threads(threads_before)
+    if committed and sig.pending:
+        log(f"{signal.Signals(sig.pending).name} arrived while the finished output was moved into place; "
+            f"the output at {out} is complete")
     log(f"wrote {out} in {time.perf_counter() - t_start:.1f}s")
     if report["status"] != "ok":
         failed = [k for k, g in report["gates"].items() if not g["passed"]]
@@ -201,19 +323,10 @@ def _is_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cfg, out: Path, tmp: Path, progress,
-               is_main, command, t_start) -> dict:
-    from gqaprune.checkpoint import load_pretrained, save_model
-
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
+def prepare_inputs(recipe, config, eval_cfg, progress: bool) -> dict:
+    """The model folder, tokenizer, calibration windows and evaluation tokens: every input that is cheap
+    to read, read (and checked) before any weights load and before any folder is created."""
     model_dir = resolve_model(recipe.model, progress)
-    src_dtype = source_dtype_of(config)
-    device, dtype, save_dtype = pick_runtime(recipe.runtime, src_dtype)
-    seed_everything(recipe.seed)
-    log(f"loading {recipe.model} ({config.architectures[0]}, adapter {adapter.name}) on {device} in {dtype}")
-    model = load_pretrained(model_dir, dtype=dtype, device=str(device))
-    check_adapter_on_model(model, adapter)
     tokenizer = load_tokenizer(model_dir)
     cal = recipe.calibration
     calib = calibration_windows(tokenizer, cal.source, cal.split, cal.samples, cal.seq_len, recipe.seed, cal.field)
@@ -223,6 +336,33 @@ def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cf
         eval_tokens = token_stream(tokenizer, p.source, p.split, p.field)
         if p.max_tokens:
             eval_tokens = eval_tokens[: p.max_tokens]
+        if eval_tokens.numel() < 2:
+            raise InputError(f"evaluation source '{p.source}' ({p.split}) has {eval_tokens.numel()} tokens; "
+                             "perplexity needs at least 2")
+    vocab = getattr(config, "vocab_size", None)
+    for what, t in (("calibration", calib), ("evaluation", eval_tokens)):
+        if vocab and t is not None and t.numel() and int(t.max()) >= vocab:
+            raise InputError(f"the tokenizer in '{model_dir}' gives {what} token id {int(t.max())}, but the model's "
+                             f"vocab_size is {vocab}: tokenizer and model do not belong together")
+    return {"model_dir": model_dir, "tokenizer": tokenizer, "calib": calib, "eval_tokens": eval_tokens}
+
+
+def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cfg, inputs: dict, out: Path, tmp: Path,
+               progress, is_main, command, t_start) -> dict:
+    from gqaprune.checkpoint import load_pretrained, save_model
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    model_dir, tokenizer = inputs["model_dir"], inputs["tokenizer"]
+    calib, eval_tokens = inputs["calib"], inputs["eval_tokens"]
+    cal = recipe.calibration
+    src_dtype = source_dtype_of(config)
+    device, dtype, save_dtype = pick_runtime(recipe.runtime, src_dtype)
+    seed_everything(recipe.seed)
+    log(f"loading {recipe.model} ({config.architectures[0]}, adapter {adapter.name}) on {device} in {dtype}")
+    model = load_pretrained(model_dir, dtype=dtype, device=str(device))
+    check_adapter_on_model(model, adapter)
+    check_finite(model, calib[:2], f"{recipe.model}", "before any stage")
     timings["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -262,7 +402,7 @@ def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cf
 
     # -- save, reload from disk, compare -----------------------------------------------------
     t = time.perf_counter()
-    tmp.mkdir(parents=True)
+    tmp.mkdir(parents=True)  # (creates the output's parent folders too)
     model.eval()
     model.to(save_dtype)  # what is saved is exactly what the round trip compares against
     probe = calib[: min(4, calib.shape[0])]
@@ -313,12 +453,15 @@ def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cf
         "recipe_sha256": recipe_sha256(recipe_text),
         "recipe_name": recipe.name,
         "command": command,
+        "recipe_path": str(recipe_path),
         "model": {"source": recipe.model, "architecture": config.architectures[0], "adapter": adapter.name,
-                  "files_sha256": {} if is_builtin(recipe.model) else _input_hashes(Path(model_dir)),
-                  "folder_files_sha256": _input_hashes(Path(model_dir))},
-        "data": {"calibration": {"source": cal.source, "split": cal.split, "samples": cal.samples,
-                                 "seq_len": cal.seq_len, "sha256": _tokens_sha(calib)},
-                 "eval": {"sha256": _tokens_sha(eval_tokens), "tokens": 0 if eval_tokens is None else int(eval_tokens.numel())}},
+                  "adapter_sha256": sha256_file(Path(adapter.source)) if adapter.source else None,
+                  "folder": str(model_dir), "files_sha256": _input_hashes(Path(model_dir))},
+        "data": {"calibration": {"source": cal.source, "split": cal.split, "field": cal.field, "samples": cal.samples,
+                                 "seq_len": cal.seq_len, "source_sha256": _source_sha(cal.source),
+                                 "sha256": _tokens_sha(calib)},
+                 "eval": _eval_data(eval_cfg, eval_tokens)},
+        "unhashed_files": list(UNHASHED_OUTPUT_FILES),
         "params_before": params_before,
         "params_after": count_params(reloaded) if awq_cfg is None else awq_report["params_fp"],
         "stages": stage_reports,
@@ -378,9 +521,29 @@ def _awq_output(model, adapter, tokenizer, awq_cfg, recipe, tmp: Path, probe, sa
     return deq, "awq", "AutoAWQ (GPU kernels) or gqaprune.quant.awq.load_dequantized (CPU)", report
 
 
+_INPUT_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".py", ".tiktoken", ".jinja")
+_NOT_INPUTS = ("builtin_info.json",)  # a builtin's training log (timings), not read when loading
+
+
 def _input_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a model folder that loading it can read (weights, configs, tokenizer, code);
+    a builtin model's cached folder likewise."""
     return {p.name: sha256_file(p) for p in sorted(folder.iterdir())
-            if p.is_file() and p.suffix in (".safetensors", ".json", ".model", ".txt")}
+            if p.is_file() and p.suffix in _INPUT_SUFFIXES and p.name not in _NOT_INPUTS}
+
+
+def _source_sha(source: str) -> str | None:
+    """sha256 of a text source file (None for builtin:pydoc, whose text comes with Python, and for datasets)."""
+    path = Path(source).expanduser()
+    return sha256_file(path) if not source.startswith("builtin:") and path.is_file() else None
+
+
+def _eval_data(eval_cfg, eval_tokens) -> dict:
+    p = eval_cfg.perplexity
+    if p is None:
+        return {"sha256": None, "tokens": 0}
+    return {"source": p.source, "split": p.split, "field": p.field, "source_sha256": _source_sha(p.source),
+            "sha256": _tokens_sha(eval_tokens), "tokens": 0 if eval_tokens is None else int(eval_tokens.numel())}
 
 
 def _tokens_sha(t) -> str | None:
@@ -395,7 +558,10 @@ def _versions() -> dict:
     v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
     from importlib.metadata import PackageNotFoundError, version
 
-    for name in ("lm_eval", "peft", "accelerate", "autoawq", "safetensors", "tokenizers"):
+    v["gqaprune"] = __version__
+    v["numpy"] = np.__version__
+    for name in ("lm_eval", "peft", "accelerate", "autoawq", "safetensors", "tokenizers", "matplotlib", "pydantic",
+                 "datasets"):
         try:
             v[name] = version(name)
         except PackageNotFoundError:

@@ -7,7 +7,8 @@ reproduces the original output W X from X_K is
     W_new = W C[:, K] (C[K, K] + lambda I)^-1,   lambda = damp * mean(diag C[K, K])
 
 (GPTQ-style damping). Errors are relative output errors ||W X - W' X_K||^2 / ||W X||^2,
-computed from C without the activations.
+computed from C without the activations. C may come in float32 (gqaprune.scoring accumulates
+it so); every function here widens it to float64 first, one matrix at a time.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 def relative_error(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, w_kept: torch.Tensor) -> float:
     """||W X - W_kept X_K||^2 / ||W X||^2 from the Gram matrix; w (out, in), w_kept (out, |K|)."""
-    w = w.double()
+    w, c = w.double(), c.double()
     d = w.clone()
     d[:, keep] -= w_kept.double()
     num = torch.einsum("oi,ij,oj->", d, c, d)
@@ -27,7 +28,7 @@ def relative_error(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, w_kept:
 
 def solve_kept_weight(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """The least-squares W_new (out, |K|) in float64; falls back to a pseudo-inverse if C[K,K] is singular."""
-    w = w.double()
+    w, c = w.double(), c.double()
     c_kk = c[keep][:, keep]
     lam = damp * float(torch.diagonal(c_kk).mean().clamp_min(1e-12))
     a = c_kk + lam * torch.eye(len(keep), dtype=c.dtype)
@@ -44,12 +45,27 @@ def repair(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, damp: float = 0
     """Kept weight in w's dtype, and the relative errors of plain slicing and of the solve."""
     keep = keep.to(torch.long).cpu()
     w_cpu = w.detach().cpu()
+    c = c.detach().double().cpu()
     new = solve_kept_weight(w_cpu, c, keep, damp)
-    err_slice = relative_error(w_cpu, c, keep, w_cpu[:, keep])
-    err_ls = relative_error(w_cpu, c, keep, new)
+    # the two relative errors of relative_error(), sharing the denominator; slicing's numerator only
+    # involves the removed inputs R: tr(W_R C_RR W_R^T)
+    w64 = w_cpu.double()
+    den = _quad(w64, c).clamp_min(1e-300)
+    removed = torch.ones(w64.shape[1], dtype=torch.bool)
+    removed[keep] = False
+    w_r = w64[:, removed]
+    err_slice = float(_quad(w_r, c[removed][:, removed]) / den)
+    d = w64.clone()
+    d[:, keep] -= new
+    err_ls = float(_quad(d, c) / den)
     if err_ls > err_slice:  # damping can, rarely, lose to slicing: never make the layer worse
         new, err_ls = w_cpu[:, keep].double(), err_slice
     return new.to(dtype=w.dtype, device=w.device), {"rel_error_slice": err_slice, "rel_error_lsq": err_ls}
+
+
+def _quad(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """tr(A C A^T) = sum_oij A[o,i] C[i,j] A[o,j]."""
+    return ((a @ c) * a).sum()
 
 
 def obs_block_costs(w: torch.Tensor, c: torch.Tensor, blocks: list[torch.Tensor], damp: float = 0.01) -> torch.Tensor:
@@ -59,7 +75,7 @@ def obs_block_costs(w: torch.Tensor, c: torch.Tensor, blocks: list[torch.Tensor]
     output error by tr(W_B' (P_BB)^-1 W_B'^T) where W' is the least-squares optimum of the full set
     (here W itself, since all inputs are kept). Lower cost = safer to remove.
     """
-    w = w.detach().double().cpu()
+    w, c = w.detach().double().cpu(), c.double()
     lam = damp * float(torch.diagonal(c).mean().clamp_min(1e-12))
     p = torch.linalg.pinv(c + lam * torch.eye(c.shape[0], dtype=c.dtype))
     costs = []

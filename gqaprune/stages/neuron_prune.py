@@ -130,7 +130,7 @@ class NeuronPrune:
 
 def _channel_obs_costs(w: torch.Tensor, gram: torch.Tensor, damp: float) -> torch.Tensor:
     """OBS single-channel cost sum_o W[o, j]^2 / P[j, j], P = (C + lambda I)^-1."""
-    w = w.detach().double().cpu()
+    w, gram = w.detach().double().cpu(), gram.double()
     lam = damp * float(torch.diagonal(gram).mean().clamp_min(1e-12))
     p = torch.linalg.pinv(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype))
     return (w.pow(2).sum(0) / torch.diagonal(p).clamp_min(1e-300)).float()

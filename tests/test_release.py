@@ -94,6 +94,22 @@ def test_two_runs_give_identical_output_files_and_report_records_inputs(tmp_path
     assert res.exit_code == 0, res.output
 
 
+def test_builtin_model_files_are_hashed_in_the_report(tmp_path, llama_dir, monkeypatch):
+    """A builtin's cached folder is pinned like a local folder (a stand-in folder takes the cache slot)."""
+    from gqaprune import builtin_models as bm
+    from gqaprune.runner import run, sha256_file
+
+    monkeypatch.setenv("GQAPRUNE_CACHE", str(tmp_path / "cache"))
+    cached = bm.builtin_folder("builtin:tiny-llama")
+    shutil.copytree(llama_dir, cached)
+    (cached / "builtin_info.json").write_text('{"train_seconds": 1.0}')  # a training log, not a model input
+    recipe = _recipe(tmp_path, "builtin:tiny-llama", stages="  - {type: layer_drop, num_layers: 1}\n",
+                     eval_block=NO_EVAL)
+    rep = run(str(recipe), progress=False)
+    assert rep["model"]["files_sha256"] == {p.name: sha256_file(p) for p in llama_dir.iterdir()}
+    assert rep["model"]["folder"] == str(cached)
+
+
 # --- 2. atomic output and interruption ----------------------------------------------------------
 
 
@@ -185,6 +201,27 @@ def test_sigterm_during_awq_removes_both_temporary_folders(tmp_path, monkeypatch
     with pytest.raises(CheckFailed, match="interrupted by SIGTERM") as e:
         run(str(recipe), progress=False)
     assert e.value.exit_code == 128 + signal.SIGTERM and seen["fp"]
+    _no_traces(tmp_path)
+
+
+def test_disk_full_while_saving_is_one_line_and_leaves_nothing(tmp_path, llama_dir, monkeypatch):
+    import errno
+
+    import gqaprune.checkpoint as ckpt
+
+    real_save = ckpt.save_model
+
+    def save_until_full(model, adapter, folder, **kw):
+        real_save(model, adapter, folder, **kw)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(folder) / "model.safetensors"))
+
+    monkeypatch.setattr(ckpt, "save_model", save_until_full)
+    recipe = _recipe(tmp_path, llama_dir, stages="  - {type: layer_drop, num_layers: 1}\n", eval_block=NO_EVAL)
+    res = CliRunner().invoke(main, ["run", str(recipe), "--quiet"])
+    assert res.exit_code == 1, res.output
+    (line,) = _error_lines(res.output)
+    assert line.startswith("error: cannot write the output (No space left on device: ") and "Traceback" not in res.output
+    assert line.endswith(f"nothing was written at {tmp_path / 'out'}")
     _no_traces(tmp_path)
 
 

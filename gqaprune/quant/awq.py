@@ -97,6 +97,75 @@ def _import_awq():
     return AwqConfig, AWQ_CAUSAL_LM_MODEL_MAP, WQLinear_GEMM
 
 
+_QUANTIZER_CLS = None
+
+
+def _quantizer_cls():
+    """AutoAWQ's ``AwqQuantizer`` with its CPU aliasing bug fixed.
+
+    ``AwqQuantizer._compute_best_scale`` keeps the "original" weights as
+    ``{k: v.cpu() for k, v in module.state_dict().items()}`` and then scales the
+    weights IN PLACE (``fc.weight.mul_``) for each of its 20 grid points, restoring
+    from that copy after each. On a GPU ``.cpu()`` copies; on the CPU it returns the
+    same tensor, so every trial corrupts the "original": the grid search compares
+    cumulatively rescaled weights, and the weights it leaves behind are not the model's.
+    Measured on a trained tiny Llama: AutoAWQ's scale step alone (``export_compatible``,
+    no clip, no quantization), which is mathematically lossless, changed the logits by
+    7.8 % (relative) with the stock class and by < 1e-5 with this one. The fix snapshots
+    real copies; the rest of the algorithm is AutoAWQ's, unchanged.
+    """
+    global _QUANTIZER_CLS
+    if _QUANTIZER_CLS is None:
+        _import_awq()
+        from awq.quantize.quantizer import AwqQuantizer
+
+        class CpuSafeAwqQuantizer(AwqQuantizer):
+            def _compute_best_scale(self, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs={}):
+                stock = module2inspect.state_dict
+
+                def cloned_state_dict(*args, **kw):
+                    return {k: v.clone() for k, v in stock(*args, **kw).items()}
+
+                module2inspect.state_dict = cloned_state_dict  # instance attribute shadows the method
+                try:
+                    return super()._compute_best_scale(
+                        x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs
+                    )
+                finally:
+                    del module2inspect.state_dict
+
+        _QUANTIZER_CLS = CpuSafeAwqQuantizer
+    return _QUANTIZER_CLS
+
+
+
+
+def _run_awq(model, model_type: str, windows: list[list[int]], quant_config: dict, n_parallel: int,
+             progress: bool = False, **awq_kwargs):
+    """AutoAWQ's ``quantize`` on an in-memory model (modified in place), with
+    :func:`_quantizer_cls`; returns the AutoAWQ wrapper (``save_quantized`` writes the folder)."""
+    AwqConfig, model_map, _ = _import_awq()
+    wrapper = model_map[model_type](model, model_type, is_quantized=False, config=model.config,
+                                    quant_config=AwqConfig(), processor=None)
+    old_use_cache = model.config.use_cache
+    model.config.use_cache = False  # AutoAWQ replays layers; a KV cache would grow across replays
+    try:
+        with _quiet(progress), torch.no_grad():
+            wrapper.quantize(
+                None,
+                quant_config=quant_config,
+                calib_data=windows,
+                n_parallel_calib_samples=n_parallel,
+                max_calib_samples=len(windows),
+                max_calib_seq_len=len(windows[0]),
+                quantizer_cls=_quantizer_cls(),
+                **awq_kwargs,
+            )
+    finally:
+        model.config.use_cache = old_use_cache
+    return wrapper
+
+
 @contextlib.contextmanager
 def _quiet(progress: bool):
     """Silence AutoAWQ's warnings and (unless ``progress``) its and transformers' tqdm bars,
@@ -105,6 +174,7 @@ def _quiet(progress: bool):
 
     from transformers.utils import logging as hf_logging
 
+    _import_awq()
     patched = []
     bars_were_on = hf_logging.is_progress_bar_enabled()
     if not progress:
@@ -132,9 +202,9 @@ def _quiet(progress: bool):
 
 
 def _linear_problem(where: str, name: str, in_f: int, out_f: int, group_size: int, what_in: str, what_out: str) -> list[str]:
-    out: list[str] = []
     if in_f <= 0 or out_f <= 0:
         return [f"{where}: {name} has an empty shape ({out_f} x {in_f}); AWQ cannot quantize it"]
+    out: list[str] = []
     if in_f % group_size:
         out.append(f"{where}: {name} in-features {in_f} ({what_in}) is not a multiple of group_size {group_size}")
     clipped = not any(s in name.rsplit(".", 1)[-1] for s in _CLIP_SKIP)
@@ -155,8 +225,9 @@ def _layer_linears(layout: str, hidden: int, heads: int, kv: int, inter: int, he
     kvw = f"num_key_value_heads {kv} x head_dim {head_dim}"
     mlp = f"intermediate_size {inter}"
     if layout == "fused":
+        qkv = f"(num_attention_heads {heads} + 2 x num_key_value_heads {kv}) x head_dim {head_dim}"
         return [
-            ("self_attn.qkv_proj", hidden, (heads + 2 * kv) * head_dim, hid, f"(num_attention_heads {heads} + 2 x num_key_value_heads {kv}) x head_dim {head_dim}"),
+            ("self_attn.qkv_proj", hidden, (heads + 2 * kv) * head_dim, hid, qkv),
             ("self_attn.o_proj", heads * head_dim, hidden, q, hid),
             ("mlp.gate_up_proj", hidden, 2 * inter, hid, f"2 x {mlp}"),
             ("mlp.down_proj", inter, hidden, mlp, hid),
@@ -173,7 +244,7 @@ def _layer_linears(layout: str, hidden: int, heads: int, kv: int, inter: int, he
 
 
 def _merge_by_layer(per_layer_msgs: list[list[str]]) -> list[str]:
-    """Collapse identical per-layer messages into one naming the layers."""
+    """Collapse identical per-layer messages ("layer i: rest") into one naming the layers."""
     seen: dict[str, list[int]] = {}
     for i, msgs in enumerate(per_layer_msgs):
         for m in msgs:
@@ -204,19 +275,19 @@ def awq_width_problems(architecture: str, hidden_size: int, per_layer: list[dict
     * the architecture must be one of :data:`AWQ_ARCHITECTURES`;
     * ``group_size`` must be one of 32, 64, 128 (the GEMM kernels' sizes);
     * every quantized Linear's in-features must be a multiple of ``group_size``:
-      ``hidden_size`` (q/k/v, gate/up), heads x head_dim (o_proj), ``intermediate_size`` (down_proj);
+      ``hidden_size`` (q/k/v, gate/up, Phi-3 qkv/gate_up), heads x head_dim (o_proj),
+      ``intermediate_size`` (down_proj);
     * out-features of the Linears AutoAWQ clips (all but q_proj/k_proj: v_proj, o_proj,
-      gate/up/down, Phi-3 qkv_proj and gate_up_proj) must be multiples of 64; the others multiples of 8.
+      gate/up/down, Phi-3 qkv_proj and gate_up_proj) must be multiples of 64; the others of 8.
 
-    Layers with different shapes are NOT a problem: AutoAWQ works layer by layer from
-    the module shapes (verified by quantizing a model whose layers have 4 and 8 query heads).
+    Layers with different shapes are NOT a problem for AutoAWQ itself: it works layer by
+    layer from the module shapes (verified: a Llama whose layers have 2 and 4 query heads,
+    1 and 2 KV heads, MLP widths 256 and 128 quantizes and verifies; tests/quant/test_awq.py).
     """
     if architecture not in AWQ_ARCHITECTURES:
         return [f"architecture {architecture} is not supported by the AWQ stage; supported: {supported_architectures_text()}"]
-    problems: list[str] = []
     if group_size not in GROUP_SIZES:
-        problems.append(f"group_size {group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
-        return problems
+        return [f"group_size {group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}"]
     if head_dim <= 0:
         return [f"head_dim {head_dim} must be positive"]
     if not per_layer:
@@ -229,12 +300,14 @@ def awq_width_problems(architecture: str, hidden_size: int, per_layer: list[dict
             kv = int(layer["num_key_value_heads"])
             inter = int(layer["intermediate_size"])
         except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"per_layer[{i}] needs integer num_attention_heads, num_key_value_heads, intermediate_size ({e})") from None
+            raise InputError(
+                f"per_layer[{i}] needs integer num_attention_heads, num_key_value_heads, intermediate_size ({e})"
+            ) from None
         msgs = []
         for name, in_f, out_f, w_in, w_out in _layer_linears(layout, hidden_size, heads, kv, inter, head_dim):
             msgs += _linear_problem(f"layer {i}", name, in_f, out_f, group_size, w_in, w_out)
         per_layer_msgs.append(msgs)
-    return problems + _merge_by_layer(per_layer_msgs)
+    return _merge_by_layer(per_layer_msgs)
 
 
 def _module_width_problems(layers: nn.ModuleList, group_size: int) -> list[str]:
@@ -421,21 +494,26 @@ def quantize_folder(
     AWQ GEMM, ``w_bit`` 4, zero point, ``group_size`` in (32, 64, 128). Calibration:
     ``calib_texts`` are tokenized, joined (EOS between texts) and cut into the first
     ``n_samples`` windows of ``max_calib_seq_len`` tokens (fewer if the text runs out).
+    The quantizer is AutoAWQ's with its CPU aliasing bug fixed (:func:`_quantizer_cls`).
     Calibration runs in float32 on CPU (float16 on CUDA); ``save_dtype`` (default
     float16, what AWQ kernels run in; ``None`` keeps the calibration dtype) is the dtype
     of the unquantized tensors (embeddings, norms, lm_head) on disk. ``dst`` gets
-    AutoAWQ's own ``save_quantized`` output plus the tokenizer files; it is written to
-    a temporary sibling and renamed, so a failure never leaves a half-written ``dst``.
-    ``dst`` must not exist or be an empty directory.
+    AutoAWQ's own ``save_quantized`` output plus the tokenizer files (and any ``*.py``
+    remote code of ``src``); it is written to a temporary sibling and renamed, so a
+    failure never leaves a half-written ``dst``. ``dst`` must not exist or be empty.
 
-    ``model_loader(src)`` may return the model to quantize (e.g. a per-layer-shaped
-    model loaded with gqaprune's own loader); by default stock
-    ``AutoModelForCausalLM.from_pretrained``. ``architecture`` overrides
+    Loading: ``model_loader(src)`` if given; a per-layer-shaped gqaprune folder
+    (``gqaprune_layers`` in config.json) with ``gqaprune.checkpoint.load_pretrained``;
+    else stock ``AutoModelForCausalLM.from_pretrained``. ``architecture`` overrides
     ``config.architectures[0]`` for picking the AutoAWQ model type.
 
-    Returns info: seconds (quantize) and seconds_total, calib windows/tokens, file sizes, etc.
-    Raises :class:`InputError` for bad arguments/inputs/widths, :class:`CheckFailed` when
-    AutoAWQ itself fails.
+    Deterministic: same inputs give byte-identical safetensors (torch is seeded with
+    ``seed``; AutoAWQ's search itself has no randomness).
+
+    Returns info: ``seconds`` (wall) and ``cpu_seconds`` of the AutoAWQ run,
+    ``seconds_total``, calibration windows/tokens, ``num_qlinears``, file sizes.
+    Raises :class:`InputError` for bad arguments, inputs or widths (before any AutoAWQ
+    work), :class:`CheckFailed` when AutoAWQ itself fails or the folder cannot be written.
     """
     t_total = time.perf_counter()
     src, dst = Path(src), Path(dst)
@@ -448,7 +526,8 @@ def quantize_folder(
         raise InputError("max_calib_seq_len, n_samples and n_parallel_calib_samples must be positive")
     cfg = _read_config(src)
     if "quantization_config" in cfg:
-        raise InputError(f"'{src}' is already quantized ({cfg['quantization_config'].get('quant_method', '?')}); AWQ needs an unquantized model")
+        qm = (cfg["quantization_config"] or {}).get("quant_method", "?")
+        raise InputError(f"'{src}' is already quantized ({qm}); AWQ needs an unquantized model")
     arch = architecture or _architecture_of(cfg, src).removeprefix("PerLayer")
     if arch not in AWQ_ARCHITECTURES:
         raise InputError(f"architecture {arch} is not supported by the AWQ stage; supported: {supported_architectures_text()}")
@@ -456,7 +535,7 @@ def quantize_folder(
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise InputError(f"AWQ output '{dst}' already exists and is not empty")
 
-    AwqConfig, model_map, WQLinear_GEMM = _import_awq()
+    _, _, WQLinear_GEMM = _import_awq()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -483,34 +562,23 @@ def quantize_folder(
         raise InputError(f"cannot load the model in '{src}' for AWQ: {e}") from None
     model = model.to(calib_dtype).eval()
 
-    layers = model.model.layers
-    problems = _module_width_problems(layers, group_size)
+    problems = _module_width_problems(model.model.layers, group_size)
     if problems:
         raise InputError("AutoAWQ cannot quantize this model's shapes:\n  - " + "\n  - ".join(problems))
 
     windows, n_tokens = _calibration_windows(tokenizer, calib_texts, max_calib_seq_len, n_samples)
 
-    old_use_cache = model.config.use_cache
-    model.config.use_cache = False  # AutoAWQ replays layers; a KV cache would grow across replays
-    wrapper = model_map[model_type](model, model_type, is_quantized=False, config=model.config, quant_config=AwqConfig(), processor=None)
     quant_config = {"zero_point": zero_point, "q_group_size": group_size, "w_bit": w_bit, "version": "GEMM"}
     t0 = time.perf_counter()
+    c0 = time.process_time()
     try:
-        with _quiet(progress), torch.no_grad():
-            wrapper.quantize(
-                None,
-                quant_config=quant_config,
-                calib_data=windows,
-                n_parallel_calib_samples=n_parallel_calib_samples,
-                max_calib_samples=len(windows),
-                max_calib_seq_len=max_calib_seq_len,
-            )
+        wrapper = _run_awq(model, model_type, windows, quant_config, n_parallel_calib_samples, progress)
     except (InputError, CheckFailed):
         raise
     except Exception as e:
         raise CheckFailed(f"AutoAWQ quantization failed: {type(e).__name__}: {e}") from None
     seconds = time.perf_counter() - t0
-    model.config.use_cache = old_use_cache
+    cpu_seconds = time.process_time() - c0
 
     num_q = sum(isinstance(m, WQLinear_GEMM) for m in model.modules())
     if num_q == 0:
@@ -551,6 +619,7 @@ def quantize_folder(
         "calib_tokens_available": n_tokens,
         "num_qlinears": num_q,
         "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu_seconds, 3),
         "seconds_total": round(time.perf_counter() - t_total, 3),
         "safetensors_bytes": sum(files.values()),
         "files_bytes": files,

@@ -1,0 +1,60 @@
+"""Shared helpers for the benchmarks: build a RunContext around a model, time things, write markdown."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from gqaprune.adapters import resolve_adapter
+from gqaprune.context import RunContext
+from gqaprune.recipe import Recipe
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def context(model, calib: torch.Tensor, stage: dict, tokenizer=None, eval_tokens=None, sequential=False,
+            batch_size=8, seed=0) -> RunContext:
+    recipe = Recipe(model="benchmark", output="unused", seed=seed, stages=[stage],
+                    calibration={"sequential": sequential, "batch_size": batch_size,
+                                 "samples": calib.shape[0], "seq_len": calib.shape[1]})
+    return RunContext(model=model, adapter=resolve_adapter("auto", model.config.architectures), tokenizer=tokenizer,
+                      recipe=recipe, calib=calib, eval_tokens=eval_tokens, progress=False)
+
+
+def median_time(fn, repeats: int = 3, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def write_result(name: str, markdown: str) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    path.write_text(markdown.rstrip() + "\n")
+    print(markdown)
+    return path
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.2f}" if abs(v) >= 1 else f"{v:.4f}"
+        return str(v)
+
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(out)

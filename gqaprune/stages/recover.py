@@ -55,9 +55,10 @@ parameter's ``requires_grad`` flag is restored to what it was before the stage.
 
 Report entry: method, engine, world_size, steps and the batch settings, trainable_params, the data
 source, ``loss_curve`` ([{step, loss, lr}] at step 1, every ``log_every`` steps and the last step,
-averaged over the processes; distill adds its kl and lm parts), loss_first/loss_last, held-out
-``perplexity_before``/``perplexity_after`` of the stage on the first ``PPL_MAX_TOKENS`` evaluation
-tokens (None without evaluation tokens), and train_seconds.
+averaged over the processes; distill adds its kl and lm parts), loss_first/loss_last, ``heldout_perplexity``
+{before, after, tokens}: the stage's own perplexity before and after training on the first
+``PPL_MAX_TOKENS`` evaluation tokens (None without evaluation tokens; the runner adds
+``perplexity_after`` on the whole evaluation set to every stage), and train_seconds.
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ class Recover:
                                   step_scheduler_with_optimizer=False)
         world, rank = accelerator.num_processes, accelerator.process_index
         show = ctx.progress and accelerator.is_main_process
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(ctx.seed * 1000003 + _SALT + call)  # same LoRA init / dropout stream on every rank
             if c.method == "lora":
                 model = apply_lora(base, ctx.adapter, c)
@@ -302,8 +303,9 @@ class Recover:
             "trainable_params": n_trainable, "total_params_while_training": n_total,
             "data": data_info, "loss_curve": curve,
             "loss_first": curve[0]["loss"], "loss_last": curve[-1]["loss"],
-            "perplexity_before": ppl_before, "perplexity_after": ppl_after,
-            "perplexity_tokens": None if ctx.eval_tokens is None else int(min(ctx.eval_tokens.numel(), PPL_MAX_TOKENS)),
+            "heldout_perplexity": {  # not "perplexity_after": the runner's own key for the full evaluation set
+                "before": ppl_before, "after": ppl_after,
+                "tokens": None if ctx.eval_tokens is None else int(min(ctx.eval_tokens.numel(), PPL_MAX_TOKENS))},
             "train_seconds": round(time.perf_counter() - t0, 3),
         }
         if c.method == "lora":

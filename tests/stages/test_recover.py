@@ -173,7 +173,8 @@ def test_recover_report_flags_and_eval_mode(tok, heldout):
     assert rep["trainable_params"] < rep["total_params_while_training"] / 10
     assert [e["step"] for e in rep["loss_curve"]] == [1, 2, 3]  # first, every log_every, last
     assert rep["loss_first"] == rep["loss_curve"][0]["loss"] and rep["loss_last"] == rep["loss_curve"][-1]["loss"]
-    assert rep["perplexity_before"] > 0 and rep["perplexity_after"] > 0 and rep["perplexity_tokens"] == 512
+    assert rep["heldout_perplexity"]["before"] > 0 and rep["heldout_perplexity"]["after"] > 0
+    assert rep["heldout_perplexity"]["tokens"] == 512
     assert rep["data"]["source"] == "builtin:pydoc" and rep["data"]["split"] == "train"
 
 
@@ -221,17 +222,17 @@ def test_recover_lowers_perplexity_after_pruning(tok, heldout, trained):
     ppl_pruned = _ppl(ctx.model, heldout)
     assert ppl_pruned > 1.3 * ppl_trained
     rep = Recover(cfg).apply(ctx)
-    assert rep["perplexity_before"] == pytest.approx(ppl_pruned)
-    assert rep["perplexity_after"] == pytest.approx(_ppl(ctx.model, heldout))
+    assert rep["heldout_perplexity"]["before"] == pytest.approx(ppl_pruned)
+    assert rep["heldout_perplexity"]["after"] == pytest.approx(_ppl(ctx.model, heldout))
     # the same fine-tune on the unpruned model: what plain extra training gives, without anything to recover
     ctx0 = _ctx(copy.deepcopy(trained), tok, eval_tokens=heldout)
     rep0 = Recover(cfg).apply(ctx0)
-    print(f"\nppl trained {ppl_trained:.1f}, pruned {ppl_pruned:.1f}, recovered {rep['perplexity_after']:.1f}; "
-          f"unpruned + same fine-tune {rep0['perplexity_after']:.1f}")
+    print(f"\nppl trained {ppl_trained:.1f}, pruned {ppl_pruned:.1f}, recovered {rep['heldout_perplexity']['after']:.1f}; "
+          f"unpruned + same fine-tune {rep0['heldout_perplexity']['after']:.1f}")
     # measured (150 pretraining steps): trained 175, pruned 243, recovered 180; unpruned + fine-tune 175 -> 167
-    assert rep["perplexity_after"] < 0.85 * ppl_pruned
-    gain = 1 - rep["perplexity_after"] / ppl_pruned
-    gain0 = 1 - rep0["perplexity_after"] / rep0["perplexity_before"]
+    assert rep["heldout_perplexity"]["after"] < 0.85 * ppl_pruned
+    gain = 1 - rep["heldout_perplexity"]["after"] / ppl_pruned
+    gain0 = 1 - rep0["heldout_perplexity"]["after"] / rep0["heldout_perplexity"]["before"]
     assert gain > gain0 + 0.1  # recovery, not just more training
     assert rep["loss_last"] < rep["loss_first"]
 
@@ -299,6 +300,7 @@ def test_runner_gives_distill_the_model_before_pruning(tmp_path):
     st = report["stages"][1]
     assert st["type"] == "recover" and st["method"] == "distill"
     assert st["loss_curve"][0]["kl"] > 1e-4  # the teacher is not the pruned model (that would give 0)
+    assert set(st["heldout_perplexity"]) == {"before", "after", "tokens"} and st["perplexity_after"] > 0
 
 
 @pytest.mark.slow
@@ -357,13 +359,15 @@ def test_recover_on_the_builtin_tiny_llama(tok):
     from gqaprune.builtin_models import resolve_builtin
     from gqaprune.checkpoint import load_pretrained
 
-    folder = resolve_builtin("builtin:tiny-llama", progress=False)
-    model = load_pretrained(folder)
+    model = load_pretrained(resolve_builtin("builtin:tiny-llama", progress=False))
     heldout = token_stream(tok, "builtin:pydoc", "validation")[:4096]
     calib = calibration_windows(tok, "builtin:pydoc", "train", 16, 128, 0)
     ctx = _ctx(model, tok, eval_tokens=heldout, calib=calib)
-    _prune_hard(ctx)
-    rep = Recover(RecoverStage(type="recover", method="lora", steps=30, lr=2e-3, batch_size=8, seq_len=128,
+    ppl_trained = _ppl(model, heldout)
+    HeadPrune(HeadPruneStage(type="head_prune", prune_ratio=0.5, reconstruct="none")).apply(ctx)  # 2 -> 1 KV group
+    rep = Recover(RecoverStage(type="recover", method="lora", steps=20, lr=2e-3, batch_size=8, seq_len=128,
                                lora_rank=8)).apply(ctx)
-    # measured: see the stage report; the margin below is what a 30-step LoRA recovers at least
-    assert rep["perplexity_after"] < 0.8 * rep["perplexity_before"]
+    print(f"\nbuiltin tiny-llama ppl {ppl_trained:.1f}; half the groups pruned {rep['heldout_perplexity']['before']:.1f}; "
+          f"after 20 LoRA steps {rep['heldout_perplexity']['after']:.1f} ({rep['train_seconds']:.0f}s)")
+    # measured: 140.4 trained; 244.3 with half the groups pruned (no repair); 173.2 after 20 LoRA steps (x0.71)
+    assert rep["heldout_perplexity"]["after"] < 0.8 * rep["heldout_perplexity"]["before"]

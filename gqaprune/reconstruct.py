@@ -26,40 +26,50 @@ def relative_error(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, w_kept:
     return float(num / den.clamp_min(1e-300))
 
 
+def _solve(c_kk: torch.Tensor, wc_k: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, bool]:
+    """W_new = (W C[:, K]) (C[K,K] + lambda I)^-1 from wc_k = W C[:, K] (out, |K|); returns (W_new, lambda,
+    whether the Cholesky solve succeeded)."""
+    lam = damp * float(torch.diagonal(c_kk).mean().clamp_min(1e-12))
+    a = c_kk + lam * torch.eye(c_kk.shape[0], dtype=c_kk.dtype)
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_solve(wc_k.T, chol).T, lam, True
+    # kept block not positive definite even after damping: least-norm solution
+    return (torch.linalg.pinv(a) @ wc_k.T).T, lam, False
+
+
 def solve_kept_weight(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """The least-squares W_new (out, |K|) in float64; falls back to a pseudo-inverse if C[K,K] is singular."""
     w, c = w.double(), c.double()
-    c_kk = c[keep][:, keep]
-    lam = damp * float(torch.diagonal(c_kk).mean().clamp_min(1e-12))
-    a = c_kk + lam * torch.eye(len(keep), dtype=c.dtype)
-    rhs = (w @ c[:, keep]).T  # (|K|, out)
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
-        sol = torch.cholesky_solve(rhs, chol)
-    else:  # kept block not positive definite even after damping: least-norm solution
-        sol = torch.linalg.pinv(a) @ rhs
-    return sol.T  # (out, |K|)
+    return _solve(c[keep][:, keep], w @ c[:, keep], damp)[0]
 
 
 def repair(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, dict]:
-    """Kept weight in w's dtype, and the relative errors of plain slicing and of the solve."""
+    """Kept weight in w's dtype, and the relative errors of plain slicing and of the solve.
+
+    The errors are those of relative_error(), computed from products the solve needs anyway: with
+    K kept and R removed inputs, den = tr(W C W^T) = <W C[:,K], W_K> + <W C[:,R], W_R>, slicing's
+    numerator is tr(W_R C_RR W_R^T), and for the damped optimum W' (C_KK + lambda I) = W C[:,K] the
+    solve's numerator den - 2<W C[:,K], W'> + tr(W' C_KK W'^T) equals den - <W C[:,K], W'> - lambda |W'|^2."""
     keep = keep.to(torch.long).cpu()
     w_cpu = w.detach().cpu()
     c = c.detach().double().cpu()
-    new = solve_kept_weight(w_cpu, c, keep, damp)
-    # the two relative errors of relative_error(), sharing the denominator; slicing's numerator only
-    # involves the removed inputs R: tr(W_R C_RR W_R^T)
     w64 = w_cpu.double()
-    den = _quad(w64, c).clamp_min(1e-300)
     removed = torch.ones(w64.shape[1], dtype=torch.bool)
     removed[keep] = False
-    w_r = w64[:, removed]
+    w_k, w_r = w64[:, keep], w64[:, removed]
+    wc_k = w64 @ c[:, keep]  # (out, |K|)
+    new, lam, exact = _solve(c[keep][:, keep], wc_k, damp)
+    den = (wc_k * w_k).sum() + ((w64 @ c[:, removed]) * w_r).sum()
+    den = den.clamp_min(1e-300)
     err_slice = float(_quad(w_r, c[removed][:, removed]) / den)
-    d = w64.clone()
-    d[:, keep] -= new
-    err_ls = float(_quad(d, c) / den)
+    err_ls = float((den - (wc_k * new).sum() - lam * new.pow(2).sum()) / den) if exact else -1.0
+    if not 0.0 <= err_ls <= err_slice:  # least-norm fallback or rounding: the direct formula
+        d = w64.clone()
+        d[:, keep] -= new
+        err_ls = float(_quad(d, c) / den)
     if err_ls > err_slice:  # damping can, rarely, lose to slicing: never make the layer worse
-        new, err_ls = w_cpu[:, keep].double(), err_slice
+        new, err_ls = w_k, err_slice
     return new.to(dtype=w.dtype, device=w.device), {"rel_error_slice": err_slice, "rel_error_lsq": err_ls}
 
 

@@ -64,7 +64,7 @@ def role_paths(adapter: Adapter, layer_idx: int, roles: list[str]) -> dict[str, 
 def collect_stats(model: nn.Module, batches: torch.Tensor, *, taylor_paths: list[str] = (), taylor2: bool = False,
                   input_paths: list[str] = (), gram: bool = False, fire_threshold: float | None = None,
                   head_dim: int | None = None, batch_size: int = 8, progress: bool = True,
-                  desc: str = "scoring") -> Stats:
+                  desc: str = "scoring", gram_dtype: torch.dtype = torch.float32) -> Stats:
     """One pass over ``batches`` (N, T) collecting what the scores need."""
     stats = Stats()
     t0 = time.perf_counter()
@@ -110,11 +110,12 @@ def collect_stats(model: nn.Module, batches: torch.Tensor, *, taylor_paths: list
                 stats.head_norm[path] = stats.head_norm.get(path, 0) + per_head.sum(0)
             if fire_threshold is not None:
                 stats.fire[path] = stats.fire.get(path, 0) + (x.abs() > fire_threshold).sum(0).float()
-            if gram:  # float32, updated in place: one (in, in) matrix per path and no per-batch temporaries
+            if gram:  # updated in place: one (in, in) matrix per path and no per-batch temporaries
                 g = stats.gram.get(path)
                 if g is None:
-                    g = stats.gram[path] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-                g.addmm_(x.T, x)
+                    g = stats.gram[path] = torch.zeros(x.shape[1], x.shape[1], dtype=gram_dtype, device=x.device)
+                xg = x.to(gram_dtype)
+                g.addmm_(xg.T, xg)
         return hook
 
     head_paths = {p for p in input_paths if p.endswith(("o_proj", "dense"))} if head_dim else set()

@@ -14,15 +14,29 @@ occurs there.
     ``bits_per_byte``.
 
 ``gqaprune_pydoc_mc``
-    ``multiple_choice`` continuation task. Prose paragraphs (whitespace
-    collapsed to single spaces) are cut at word boundaries into a prefix of
-    ~100-150 characters and the true continuation that follows it
-    (:data:`MC_CONT_MIN`-:data:`MC_CONT_MAX` characters); consecutive items of
-    one paragraph use consecutive, non-overlapping continuations. Each item
-    gets three distractors: spans of the same length (as close as the word
-    boundaries allow, normally within :data:`MC_LEN_TOLERANCE` characters)
-    starting at a random word of *other* validation paragraphs. The answer position is shuffled. Everything is seeded
-    (:data:`MC_SEED`). Metrics: ``acc``, ``acc_norm``. Chance is 0.25.
+    ``multiple_choice`` "which passage does this continue" task. Prose
+    paragraphs (whitespace collapsed to single spaces) are cut at word
+    boundaries into a context of ~80-150 characters and the true continuation
+    that follows it (:data:`MC_CONT_MIN`-:data:`MC_CONT_MAX` characters);
+    consecutive items of one paragraph use consecutive, non-overlapping
+    continuations. Each item shows the *continuation* once and offers four
+    candidate *contexts*: the true one and three contexts of items from other
+    paragraphs, of about the same length (within :data:`MC_CTX_TOLERANCE`
+    characters where the pool allows). The model picks the context under which
+    the continuation is most likely (lm-eval's multiple-input form, as in
+    Winogrande: ``doc_to_text`` is the answer index, ``doc_to_choice`` the
+    contexts, ``doc_to_target`` the continuation).
+
+    Why not one context and four continuations: the log-likelihood of four
+    *different* continuations is dominated by how common each string is on its
+    own, not by the context, so a small trained model scores near chance on it
+    (measured with ``builtin:tiny-llama``: acc 0.27). Scoring the *same*
+    continuation under four contexts cancels that term exactly: a random-init
+    model is at chance and a trained one well above it. Metric: ``acc``
+    (chance 0.25). ``acc_norm`` is not listed: in the multiple-input form
+    lm-eval normalises by the length of the contexts, which means nothing
+    here. Answer positions are shuffled; everything is seeded
+    (:data:`MC_SEED`).
 
 The data (JSONL) and task YAMLs (``dataset_path: json`` with absolute
 ``data_files``, and a ``cache_dir`` inside the folder so that ``datasets``
@@ -43,7 +57,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 SOURCE = "builtin:pydoc"
 SPLIT = "validation"
@@ -61,7 +75,7 @@ MC_PREFIX_MIN = 80  # the first item of a paragraph needs at least this much con
 MC_PREFIX_MAX = 150  # later items keep the last <= 150 characters as context
 MC_CONT_MIN = 60
 MC_CONT_MAX = 80
-MC_LEN_TOLERANCE = 1  # distractor length within this many characters of the true continuation's
+MC_CTX_TOLERANCE = 5  # distractor contexts within this many characters of the true context's length
 MC_NUM_CHOICES = 4
 MC_PROSE_RATIO = 0.75  # letters and spaces / characters; drops tables and code
 MC_MIN_PARAGRAPH = 80
@@ -78,7 +92,8 @@ _SETTINGS = {
         "prefix": [MC_PREFIX_MIN, MC_PREFIX_MAX],
         "continuation": [MC_CONT_MIN, MC_CONT_MAX],
         "choices": MC_NUM_CHOICES,
-        "length_tolerance": MC_LEN_TOLERANCE,
+        "format": "contexts",
+        "context_tolerance": MC_CTX_TOLERANCE,
         "prose_ratio": MC_PROSE_RATIO,
         "min_paragraph": MC_MIN_PARAGRAPH,
     },
@@ -177,67 +192,57 @@ def _closest_end(words: list[tuple[int, int]], k: int, target: int) -> int | Non
     return None if best is None else best[0]
 
 
-def _distractor(rng: random.Random, starts: list[tuple[int, int]], texts: dict, own: int,
-                target_len: int, taken: set[str], own_text: str) -> str:
-    """A span of another paragraph starting at a random word, its length as close to target_len as found."""
-    best: str | None = None
-    for _ in range(2000):
-        idx, k = starts[rng.randrange(len(starts))]
-        if idx == own:
-            continue
-        text, words = texts[idx]
-        m = _closest_end(words, k, target_len)
-        if m is None:
-            continue
-        span = text[words[k][0]:words[m][1]]
-        if span in taken or span in own_text:
-            continue
-        if best is None or abs(len(span) - target_len) < abs(len(best) - target_len):
-            best = span
-        if abs(len(best) - target_len) <= MC_LEN_TOLERANCE:
-            return best
-    if best is None:  # pragma: no cover - the corpus is large enough
-        raise RuntimeError("could not find a distractor")
-    return best
-
-
 def mc_docs(units: list[str], train: list[str] = ()) -> list[dict]:
     """The multiple-choice items (deterministic for given units).
 
-    Only held-out paragraphs (:func:`heldout_units`) are used, and items whose
-    true continuation still occurs in the train text are dropped.
-    ``paragraph`` is the index of the item's paragraph in ``units``.
+    Each item: ``contexts`` (four), ``continuation`` and ``label`` (index of
+    the true context). Only held-out paragraphs (:func:`heldout_units`) are
+    used, and items whose continuation still occurs in the train text are
+    dropped. ``paragraph`` is the index of the item's paragraph in ``units``.
     """
     train_text = "\n".join(_norm(t) for t in train)
     paras = [(i, _norm(u)) for i, u in enumerate(units) if _norm(u) not in train_text]
     paras = [(i, t) for i, t in paras if len(t) >= MC_MIN_PARAGRAPH and _prose(t)]
     rng = random.Random(MC_SEED)
-    candidates = [(i, t, prefix, cont) for i, t in paras for prefix, cont in _items_of(t, rng)
+    candidates = [(i, prefix, cont) for i, t in paras for prefix, cont in _items_of(t, rng)
                   if cont not in train_text]
-    # distractors come from the same paragraphs as the items, so that true and
-    # false continuations are drawn from the same kind of text
-    with_items = sorted({i for i, *_ in candidates})
-    texts = {i: (t, _words(t)) for i, t in paras if i in with_items}
-    # candidate distractor starts: words at least MC_PREFIX_MIN characters into a
-    # paragraph, where true continuations start too; drawn uniformly over all of them
-    starts = [(i, k) for i, (_, words) in texts.items()
-              for k in range(1, len(words)) if words[k - 1][1] >= MC_PREFIX_MIN]
+    # distractor contexts are the contexts of all candidate items: the same kind of
+    # text, cut the same way (some start at a paragraph's beginning, most mid-paragraph)
+    pool = sorted({(i, prefix) for i, prefix, _ in candidates}, key=lambda x: (len(x[1]), x[0], x[1]))
     if len(candidates) > MC_ITEMS:
         keep = sorted(rng.sample(range(len(candidates)), MC_ITEMS))
         candidates = [candidates[k] for k in keep]
+    texts = dict(paras)
+    all_text = "\n".join(t for _, t in paras)
     docs = []
-    for n, (i, text, prefix, cont) in enumerate(candidates):
-        taken = {cont}
-        choices = [cont]
-        for _ in range(MC_NUM_CHOICES - 1):
-            d = _distractor(rng, starts, texts, i, len(cont), taken, text)
-            taken.add(d)
-            choices.append(d)
+    for n, (i, prefix, cont) in enumerate(candidates):
+        contexts = [prefix] + _distractor_contexts(rng, pool, i, prefix, cont, texts[i], all_text)
         order = list(range(MC_NUM_CHOICES))
         rng.shuffle(order)
-        shuffled = [choices[o] for o in order]
-        docs.append({"id": n, "paragraph": i, "prefix": prefix, "choices": shuffled, "label": order.index(0)})
+        docs.append({"id": n, "paragraph": i, "contexts": [contexts[o] for o in order],
+                     "continuation": cont, "label": order.index(0)})
     return docs
+
+
+def _distractor_contexts(rng: random.Random, pool: list[tuple[int, str]], own: int, prefix: str,
+                         cont: str, own_text: str, all_text: str) -> list[str]:
+    """MC_NUM_CHOICES - 1 contexts from other paragraphs, as close to ``prefix``'s length as the pool allows.
+
+    A context whose text also occurs in the item's own paragraph, or which some
+    paragraph continues with ``cont`` (repeated passages), is never used.
+    """
+    others = [(abs(len(p) - len(prefix)), p) for i, p in pool
+              if i != own and p not in own_text and f"{p} {cont}" not in all_text]
+    others.sort(key=lambda x: x[0])
+    near = [p for d, p in others if d <= MC_CTX_TOLERANCE]
+    if len(near) < MC_NUM_CHOICES - 1:
+        near = [p for _, p in others[: 4 * (MC_NUM_CHOICES - 1)]]
+    picked: list[str] = []
+    while len(picked) < MC_NUM_CHOICES - 1:
+        p = near[rng.randrange(len(near))]
+        if p not in picked:
+            picked.append(p)
+    return picked
 
 
 # --------------------------------------------------------------------------- files
@@ -285,15 +290,13 @@ dataset_kwargs:
   cache_dir: {json.dumps(str(data.parent / "hf_datasets_cache"))}
 output_type: multiple_choice
 test_split: test
-doc_to_text: prefix
-doc_to_target: label
-doc_to_choice: choices
+# multiple-input form: the answer index, the candidate contexts, the one continuation
+doc_to_text: label
+doc_to_choice: contexts
+doc_to_target: continuation
 target_delimiter: " "
 metric_list:
   - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
     aggregation: mean
     higher_is_better: true
 metadata:

@@ -99,21 +99,20 @@ def test_mc_items_are_well_formed():
     train_text = "\n".join(_norm(t) for t in train)
     labels = [d["label"] for d in docs]
     for d in docs:
-        choices = d["choices"]
-        assert len(choices) == 4 and len(set(choices)) == 4
+        contexts, cont = d["contexts"], d["continuation"]
+        assert len(contexts) == 4 and len(set(contexts)) == 4
         assert 0 <= d["label"] < 4
-        assert local_tasks.MC_PREFIX_MIN <= len(d["prefix"]) <= local_tasks.MC_PREFIX_MAX
-        for c in choices:
-            assert local_tasks.MC_CONT_MIN <= len(c) <= local_tasks.MC_CONT_MAX
-            assert c == c.strip() and "  " not in c
-        true = choices[d["label"]]
+        assert local_tasks.MC_CONT_MIN <= len(cont) <= local_tasks.MC_CONT_MAX
+        true = contexts[d["label"]]
         own = _norm(units[d["paragraph"]])
-        assert d["prefix"] + " " + true in own  # the true continuation follows the prefix
-        assert own not in train_text and true not in train_text  # held out from training text
-        for i, c in enumerate(choices):
+        assert true + " " + cont in own  # the continuation follows the true context
+        assert own not in train_text and cont not in train_text  # held out from training text
+        for i, c in enumerate(contexts):
+            assert local_tasks.MC_PREFIX_MIN <= len(c) <= local_tasks.MC_PREFIX_MAX
+            assert c == c.strip() and "  " not in c
             if i != d["label"]:
-                assert c not in own  # distractors come from other paragraphs
-                assert abs(len(c) - len(true)) <= 3  # length-matched: length gives nothing away
+                assert c + " " + cont not in own and c not in own  # from other paragraphs
+                assert abs(len(c) - len(true)) <= local_tasks.MC_CTX_TOLERANCE  # length gives nothing away
     # the answer position is spread over the four slots
     assert all(30 <= labels.count(k) <= 70 for k in range(4))
 
@@ -144,9 +143,9 @@ def test_local_tasks_run_offline(local_results):
     assert math.isclose(roll["bits_per_byte"], math.log2(roll["byte_perplexity"]), rel_tol=1e-6)
 
     mc = res[MC]
-    assert {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr"} <= set(mc)
+    assert {"acc", "acc_stderr"} <= set(mc)
     assert 180 <= mc["samples"] <= local_tasks.MC_ITEMS
-    assert 0.0 <= mc["acc"] <= 1.0 and 0.0 <= mc["acc_norm"] <= 1.0
+    assert 0.0 <= mc["acc"] <= 1.0
 
     assert primary_metrics(res) == {ROLLING: roll["word_perplexity"], MC: mc["acc"]}
 
@@ -155,7 +154,6 @@ def test_random_init_model_is_near_chance(local_results):
     # ~200 items, chance 0.25, sd ~0.03: a random model lands well inside this band
     mc = local_results[MC]
     assert 0.13 <= mc["acc"] <= 0.37, mc
-    assert 0.13 <= mc["acc_norm"] <= 0.37, mc
 
 
 def test_run_is_deterministic_and_offline(task_cache, no_network, bpe_tokenizer, tiny_llama, local_results):
@@ -268,6 +266,6 @@ def test_trained_builtin_model_beats_chance(no_network):
     model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     res = run_lm_eval(model, tokenizer, list(LOCAL_TASKS))
-    assert res[MC]["acc"] >= 0.40, res
-    assert res[MC]["acc_norm"] >= 0.40, res
+    # measured: acc 0.588 +- 0.035 (199 items; random-init models 0.20-0.29), bits/byte 2.12
+    assert res[MC]["acc"] >= 0.45, res
     assert res[ROLLING]["bits_per_byte"] < 3.0, res

@@ -41,8 +41,8 @@ occurs there.
 The data (JSONL) and task YAMLs (``dataset_path: json`` with absolute
 ``data_files``, and a ``cache_dir`` inside the folder so that ``datasets``
 keeps its Arrow copy there rather than in the user's HF cache) are written to ``$GQAPRUNE_CACHE/lm_eval_tasks/<key>/`` where
-``<key>`` hashes the generator version, its settings and the validation text
-(so another Python's pydoc text gets its own folder). The folder is built in a
+``<key>`` hashes the generator version, its settings and the validation and
+train text (so another Python's pydoc text gets its own folder). The folder is built in a
 temporary directory and moved into place with ``os.replace``.
 """
 

@@ -11,7 +11,9 @@ The split is fixed and documented (README, "Text sources"):
 - record sources (``.jsonl``, saved datasets) use the same rule on record
   index, unless a saved ``DatasetDict`` has its own ``train``/``validation``
   splits, which are then used as they are.
-``all`` is every paragraph or record. The two splits never overlap.
+A validation unit that also occurs word for word among the train units is left out of
+``validation`` (pydoc topics repeat passages). ``all`` is every paragraph or record. The two
+splits never share a unit.
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ VALIDATION_EVERY = 10  # unit i is validation when i % 10 == 9
 def _take_split(units: list[str], split: str) -> list[str]:
     if split == "all":
         return units
-    want_val = split == "validation"
-    return [u for i, u in enumerate(units) if (i % VALIDATION_EVERY == VALIDATION_EVERY - 1) == want_val]
+    train = [u for i, u in enumerate(units) if i % VALIDATION_EVERY != VALIDATION_EVERY - 1]
+    if split == "train":
+        return train
+    # a validation unit repeated word for word in train would be scored on training text: leave it out
+    seen = {u.strip() for u in train}
+    return [u for i, u in enumerate(units) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1 and u.strip() not in seen]
 
 
 def _paragraphs(text: str) -> list[str]:

@@ -22,6 +22,12 @@ global filters are restored. It still works with the installed torch /
 transformers for the architectures in :data:`AWQ_ARCHITECTURES`, which were
 each quantized and verified on this machine (see tests/quant/test_awq.py).
 
+One AutoAWQ bug matters on CPU and is worked around here: its scale search keeps
+the "original" weights via ``.cpu()``, which on a CPU model aliases the live
+weights, so the grid search scales them in place and corrupts them (logits off by
+~8 % before any quantization on a trained tiny Llama). :func:`_quantizer_cls`
+subclasses ``AwqQuantizer`` to snapshot real copies; nothing else is changed.
+
 Packing (AutoAWQ ``WQLinear_GEMM.from_linear``, checked in the installed
 source ``awq/modules/linear/gemm.py``): for a Linear with weight ``(out, in)``
 the integer codes are laid out ``(in, out)``; every 8 consecutive output
@@ -141,7 +147,7 @@ def _quantizer_cls():
 
 
 def _run_awq(model, model_type: str, windows: list[list[int]], quant_config: dict, n_parallel: int,
-             progress: bool = False, **awq_kwargs):
+             progress: bool = False, quantizer_cls=None, **awq_kwargs):
     """AutoAWQ's ``quantize`` on an in-memory model (modified in place), with
     :func:`_quantizer_cls`; returns the AutoAWQ wrapper (``save_quantized`` writes the folder)."""
     AwqConfig, model_map, _ = _import_awq()
@@ -158,7 +164,7 @@ def _run_awq(model, model_type: str, windows: list[list[int]], quant_config: dic
                 n_parallel_calib_samples=n_parallel,
                 max_calib_samples=len(windows),
                 max_calib_seq_len=len(windows[0]),
-                quantizer_cls=_quantizer_cls(),
+                quantizer_cls=quantizer_cls or _quantizer_cls(),
                 **awq_kwargs,
             )
     finally:
@@ -812,11 +818,24 @@ def verify_awq_folder(
     = ||q - r|| / ||r|| and ``top1_agreement``; :class:`CheckFailed` if
     ``rel_logit_err > max_rel_logit_err`` or ``top1_agreement < min_top1_agreement``.
 
-    Default bound: rel_logit_err <= 0.25 and top1_agreement >= 0.5. Measured on this
-    machine (AutoAWQ 4 bit, group 128, tiny random 2-layer models, hidden 256/512,
-    logits on pydoc text): rel_logit_err 0.02-0.07 and top-1 agreement 0.86-0.99
-    (see tests/quant/test_awq.py); a corrupted folder (e.g. one qweight with flipped
-    bits) lands far outside. The bound leaves ~4x margin for honest 4-bit error.
+    Default bound: rel_logit_err <= 0.25 and top1_agreement >= 0.5 -- a detector of
+    broken folders, not a quality gate (the runner's perplexity gate is that). Measured
+    on this machine, AutoAWQ w4 g128, logits on held-out pydoc text:
+
+    * builtin:tiny-llama (trained, hidden 384, 4 layers): rel 0.010, top-1 0.984
+      (plain round-to-nearest 4 bit: 0.011 / 0.979; perplexity 149.22 -> 149.30);
+    * a trained 2-layer Llama, hidden 128: rel 0.055, top-1 0.94 (RTN 0.061 / 0.94);
+    * random-init 2-layer test models, hidden 128 (worst case: Gaussian weights, no
+      structure for AWQ to use): rel 0.144 / top-1 0.73 (Llama, Mistral), 0.139 / 0.78
+      (Phi-3), 0.069 / 0.99 (Qwen2, tied embeddings); RTN on the Llama: 0.158 / 0.70;
+    * corrupted folders, one whole qweight bit-inverted (every code c -> 15 - c): trained
+      model rel 0.32-1.34 with top-1 <= 0.55; random model rel 0.55-1.30 for v/o/MLP
+      matrices (q/k barely matter in a random model's near-uniform attention).
+
+    So 0.25 sits ~4x above honest 4-bit error on trained models and above the worst
+    random-init case, and below every whole-matrix corruption of a trained model. Sparse
+    bit flips (1 % of one qweight's bytes) stay within honest error: they are valid codes,
+    and only file hashes (report.json ``files_sha256``) catch them.
     """
     model, info = _load(Path(folder), torch.float32, build_model)
     out = {"ok": True, **info}

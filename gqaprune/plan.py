@@ -129,6 +129,13 @@ def simulate(recipe: Recipe, config, adapter: Adapter) -> list[StagePlan]:
         elif st.type == "awq":
             from gqaprune.quant.awq import awq_width_problems
 
+            per_layer = [f"stages[{j}] {s.type}" for j, s in enumerate(recipe.stages[:si])
+                         if getattr(s, "allocation", "uniform") != "uniform" or getattr(s, "protect_layers", [])]
+            if per_layer:
+                raise InputError(f"{where}: the awq stage quantizes a model with one shape in every layer; "
+                                 f"{', '.join(per_layer)} give per-layer shapes (use allocation: uniform and no "
+                                 "protect_layers before awq)")
+
             problems = awq_width_problems(arch, getattr(config, adapter.config.hidden_size), shapes,
                                           head_dim_of(config, adapter), st.group_size)
             if problems:

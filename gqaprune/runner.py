@@ -62,11 +62,24 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+_RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")  # torchrun/accelerate, MPI launchers
+
+
+def process_rank() -> int:
+    """This process's rank under a multi-process launcher (0 when launched alone)."""
+    for var in _RANK_VARS:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
 def pick_runtime(runtime, source_dtype) -> tuple[torch.device, torch.dtype, torch.dtype]:
     cuda = torch.cuda.is_available()
     if runtime.device == "cuda" and not cuda:
         raise InputError("runtime.device is cuda but no CUDA device is available (use auto or cpu)")
-    device = torch.device("cuda" if (runtime.device == "cuda" or (runtime.device == "auto" and cuda)) else "cpu")
+    use_cuda = runtime.device == "cuda" or (runtime.device == "auto" and cuda)
+    # one GPU per process under a multi-process launcher
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
     if runtime.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
@@ -266,7 +279,7 @@ def run(recipe_path: str, output: str | None = None, force: bool = False, progre
     eval_cfg = default_eval(recipe)
     command = command or _equivalent_command(recipe_path, output, force)
 
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    is_main = process_rank() == 0
     tmp = _temp_names(out, os.getpid())[0]
     threads_before = torch.get_num_threads()
     sig = _Signals()

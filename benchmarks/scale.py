@@ -255,6 +255,20 @@ def markdown(results: list[dict]) -> str:
                 f"{m['torch']}, transformers {m['transformers']}. Parameters {r['params_before']:,} -> "
                 f"{r['params_after'] and format(r['params_after'], ',') or 'n/a'}. Peak RSS of the whole process: {r['peak_rss_mb_process'] / 1024:.2f} GiB.", "",
                 table(["phase", "seconds", "peak RSS GiB", "Gram matrices held", "vs fwd+bwd"], rows), ""]
+        own = [p for p in r["phases"] if not p["phase"].startswith("reference") and "previous default" not in p["phase"]
+               and p["peak_rss_mb"] == p["peak_rss_mb"]]
+        legacy = [p for p in r["phases"] if "previous default" in p["phase"]]
+        scoring = [p for p in own if p["phase"].endswith("scoring pass")]
+        if ref and own:
+            line = (f"Pruning's own peak RSS: {max(p['peak_rss_mb'] for p in own) / 1024:.2f} GiB "
+                    f"(the reference forward + backward: {ref['peak_rss_mb'] / 1024:.2f} GiB). Scoring passes cost "
+                    + ", ".join(f"{p['seconds'] / ref['seconds']:.2f}x" for p in scoring)
+                    + " of one forward + backward")
+            if legacy:
+                new = next(p for p in scoring if p["phase"].startswith(legacy[0]["phase"].split(":")[0]))
+                line += (f"; float64 Grams would raise the neuron scoring pass's peak from "
+                         f"{new['peak_rss_mb'] / 1024:.2f} to {legacy[0]['peak_rss_mb'] / 1024:.2f} GiB")
+            out += [line + ".", ""]
     return "\n".join(out)
 
 

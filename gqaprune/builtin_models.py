@@ -47,11 +47,21 @@ BUILTIN_MODELS: tuple[str, ...] = ("builtin:tiny-llama", "builtin:tiny-qwen2", "
 CORPUS_SOURCE = "builtin:pydoc"
 EOS_TOKEN = "<|endoftext|>"
 
+# Qwen2's pre-tokenizer split (transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX)
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
 TOKENIZER_SETTINGS: dict = {
     "kind": "byte_level_bpe",
     "vocab_size": 2048,  # including the special token; a multiple of 64
     "min_frequency": 2,
     "special_tokens": [EOS_TOKEN],  # id 0; bos = eos = pad
+    # The Qwen2 pipeline (NFC, Qwen2 split regex, byte level without its own regex): AutoTokenizer
+    # rebuilds exactly this pipeline for model_type qwen2 whatever tokenizer.json says, so using it
+    # for all three keeps the tokenizer identical in every builtin folder.
+    "normalizer": "NFC",
+    "pre_tokenizer": "qwen2_split_regex+byte_level",
     "add_prefix_space": False,
     "source": CORPUS_SOURCE,
     "split": "train",
@@ -187,6 +197,25 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _remove_stale_temps(final: Path) -> None:
+    """Delete temp folders left by killed builders: ours (we hold its lock) and any whose lock is free."""
+    for stale in final.parent.glob(".tmp-*"):
+        owner = stale.name[len(".tmp-"):].rsplit("-", 1)[0]
+        if owner == final.name:
+            shutil.rmtree(stale, ignore_errors=True)
+            continue
+        lock = final.parent / f".{owner}.lock"
+        try:
+            with open(lock, "a+") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its builder is alive
+                try:
+                    shutil.rmtree(stale, ignore_errors=True)
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+        except OSError:
+            pass
+
+
 def _build_atomically(final: Path, build, progress: bool) -> Path:
     """Return ``final``; if missing, run ``build(tmp_dir)`` under a lock and move it into place."""
     if (final / "config.json").exists() or (final / "tokenizer.json").exists():
@@ -194,11 +223,11 @@ def _build_atomically(final: Path, build, progress: bool) -> Path:
     with _locked(final.parent / f".{final.name}.lock"):
         if final.exists():  # someone else finished it while we waited
             return final
-        for stale in final.parent.glob(f".tmp-{final.name}-*"):  # left by a killed builder (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
+        _remove_stale_temps(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         try:
             build(tmp, progress)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a shared cache must be readable
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -215,14 +244,20 @@ def _log(msg: str, progress: bool) -> None:
 
 def train_tokenizer(settings: dict | None = None):
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on the builtin corpus (deterministic)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from gqaprune.data import load_units
 
     s = dict(settings or TOKENIZER_SETTINGS)
+    if s.get("normalizer") != "NFC" or s.get("pre_tokenizer") != "qwen2_split_regex+byte_level":
+        raise InputError("builtin tokenizer: only normalizer NFC with pre_tokenizer qwen2_split_regex+byte_level is supported")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=s["add_prefix_space"], use_regex=True)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=s["add_prefix_space"], use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=s["vocab_size"],
@@ -407,6 +442,8 @@ def resolve_builtin(name: str, progress: bool = True) -> Path:
             "name": name, "recipe": model_recipe(name), "train_seconds": round(seconds, 2),
             "train_cpu_seconds": round(cpu_seconds, 2),
             "heldout_ppl": ppl, "unigram_ppl": uni, "num_parameters": n_params,
+            "eval": {"source": CORPUS_SOURCE, "split": "validation", "seq_len": TRAIN_SETTINGS["eval_seq_len"],
+                     "validation_sha256": _corpus_sha("validation")},
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         }
         (tmp / "builtin_info.json").write_text(json.dumps(info, indent=2, sort_keys=True))

@@ -68,7 +68,7 @@ def write_card(report: dict, recipe_text: str, path: Path) -> None:
                      f"x{after['perplexity'] / before['perplexity']:.3f} |")
     for task, metrics in report["eval"]["lm_eval"]["after"].items():
         for m, v in metrics.items():
-            if m.endswith("_stderr") or not isinstance(v, (int, float)):
+            if m.endswith("_stderr") or m == "samples" or not isinstance(v, (int, float)):
                 continue
             b = report["eval"]["lm_eval"]["before"].get(task, {}).get(m)
             lines.append(f"| lm-eval {task} / {m} | {_fmt(b)} | {_fmt(v)} | "

@@ -336,6 +336,20 @@ def _is_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def perplexity_tokens(tokenizer, eval_cfg) -> torch.Tensor | None:
+    """The held-out token stream of the eval block's perplexity source (None when perplexity is off)."""
+    if eval_cfg.perplexity is None:
+        return None
+    p = eval_cfg.perplexity
+    tokens = token_stream(tokenizer, p.source, p.split, p.field)
+    if p.max_tokens:
+        tokens = tokens[: p.max_tokens]
+    if tokens.numel() < 2:
+        raise InputError(f"evaluation source '{p.source}' ({p.split}) has {tokens.numel()} tokens; "
+                         "perplexity needs at least 2")
+    return tokens
+
+
 def prepare_inputs(recipe, config, eval_cfg, progress: bool) -> dict:
     """The model folder, tokenizer, calibration windows and evaluation tokens: every input that is cheap
     to read, read (and checked) before any weights load and before any folder is created."""
@@ -343,15 +357,7 @@ def prepare_inputs(recipe, config, eval_cfg, progress: bool) -> dict:
     tokenizer = load_tokenizer(model_dir)
     cal = recipe.calibration
     calib = calibration_windows(tokenizer, cal.source, cal.split, cal.samples, cal.seq_len, recipe.seed, cal.field)
-    eval_tokens = None
-    if eval_cfg.perplexity is not None:
-        p = eval_cfg.perplexity
-        eval_tokens = token_stream(tokenizer, p.source, p.split, p.field)
-        if p.max_tokens:
-            eval_tokens = eval_tokens[: p.max_tokens]
-        if eval_tokens.numel() < 2:
-            raise InputError(f"evaluation source '{p.source}' ({p.split}) has {eval_tokens.numel()} tokens; "
-                             "perplexity needs at least 2")
+    eval_tokens = perplexity_tokens(tokenizer, eval_cfg)
     vocab = getattr(config, "vocab_size", None)
     for what, t in (("calibration", calib), ("evaluation", eval_tokens)):
         if vocab and t is not None and t.numel() and int(t.max()) >= vocab:

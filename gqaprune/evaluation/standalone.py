@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gqaprune.data import token_stream
-from gqaprune.errors import InputError
 from gqaprune.recipe import EvalConfig, LmEvalConfig, default_eval, load_recipe
 from gqaprune.sources import load_tokenizer, resolve_model
 
@@ -24,7 +22,7 @@ def load_any(folder: Path):
 
 
 def evaluate_folder(model_spec: str, recipe_path: str | None = None, tasks: str | None = None) -> dict:
-    from gqaprune.runner import evaluate
+    from gqaprune.runner import evaluate, perplexity_tokens
 
     folder = resolve_model(model_spec)
     if recipe_path:
@@ -37,13 +35,6 @@ def evaluate_folder(model_spec: str, recipe_path: str | None = None, tasks: str 
         eval_cfg = eval_cfg.model_copy(update={"lm_eval": LmEvalConfig(**{**eval_cfg.lm_eval.model_dump(), "tasks": names})})
     model, kind = load_any(folder)
     tokenizer = load_tokenizer(folder)
-    tokens = None
-    if eval_cfg.perplexity is not None:
-        p = eval_cfg.perplexity
-        tokens = token_stream(tokenizer, p.source, p.split, p.field)
-        if p.max_tokens:
-            tokens = tokens[: p.max_tokens]
-    if tokens is not None and tokens.numel() < 2:
-        raise InputError("the evaluation text has fewer than two tokens")
+    tokens = perplexity_tokens(tokenizer, eval_cfg)
     res = evaluate(model, tokenizer, eval_cfg, tokens, progress=True, label=str(folder))
     return {"model": str(folder), "kind": kind, **res}

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ORDER = ["quality", "speed", "scale"]
+ORDER = ["quality", "recovery", "speed", "scale"]
 
 
 def collect() -> None:

@@ -49,4 +49,15 @@ def inspect_model(spec: str, adapter_spec: str = "auto") -> dict:
         info["head_counts_that_reload_stock"] = sorted(ok)
         info["keep_kv_heads_that_reload_stock"] = [j for j in range(1, n_kv) if j * g in ok]
         info["keep_q_per_kv_that_reload_stock"] = [j for j in range(1, g) if j * n_kv in ok]
+        from gqaprune.convert import save_as_mistral_problem
+
+        problem = save_as_mistral_problem(config)
+        if problem is None and not per_layer:
+            info["head_counts_that_reload_stock_with_save_as_mistral"] = sorted(
+                {kv * q for kv in range(1, n_kv + 1) for q in range(1, g + 1)})
+            info["save_as_mistral"] = ("with save_as: mistral (saved as MistralForCausalLM, the same computation) "
+                                       "every head count that keeps a whole number of query heads per KV head "
+                                       "reloads with stock from_pretrained")
+        else:
+            info["save_as_mistral"] = f"not available: {problem or 'the model is per-layer-shaped'}"
     return info

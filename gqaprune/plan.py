@@ -73,6 +73,8 @@ def simulate(recipe: Recipe, config, adapter: Adapter) -> list[StagePlan]:
     bpp = _dtype_bytes(config)
     plans = [_summary("source", model, adapter, bpp, [])]
     arch = (config.architectures or [type(model).__name__])[0]
+    convert = check_save_as(recipe, config, arch)
+    saved_arch = "MistralForCausalLM" if convert else arch
     for si, st in enumerate(recipe.stages):
         where = f"stages[{si}] {st.type}"
         notes: list[str] = []
@@ -136,7 +138,7 @@ def simulate(recipe: Recipe, config, adapter: Adapter) -> list[StagePlan]:
                                  f"{', '.join(per_layer)} give per-layer shapes (use allocation: uniform and no "
                                  "protect_layers before awq)")
 
-            problems = awq_width_problems(arch, getattr(config, adapter.config.hidden_size), shapes,
+            problems = awq_width_problems(saved_arch, getattr(config, adapter.config.hidden_size), shapes,
                                           head_dim_of(config, adapter), st.group_size)
             if problems:
                 raise InputError(f"{where}: AutoAWQ cannot quantize what the earlier stages leave: "
@@ -146,13 +148,45 @@ def simulate(recipe: Recipe, config, adapter: Adapter) -> list[StagePlan]:
         plans.append(_summary(f"{si}:{st.type}", model, adapter, bpp, notes))
     final = model_shapes(model, adapter)
     heads = {s["num_attention_heads"] for s in final}
-    if arch == "LlamaForCausalLM" and len(heads) == 1:
+    if convert:
+        plans[-1].notes.append("save_as: mistral: saved as MistralForCausalLM (the same computation), which stock "
+                               "from_pretrained reloads")
+    elif arch == "LlamaForCausalLM" and len(heads) == 1:
         h = heads.pop()
         if getattr(config, "hidden_size") % h:
+            if any(st.type == "awq" for st in recipe.stages):
+                raise InputError(f"{h} query heads do not divide hidden_size {config.hidden_size}, which LlamaConfig "
+                                 "requires, so the pruned Llama can only be saved per-layer, which the awq stage "
+                                 "does not take; add save_as: mistral to the recipe (or keep a head count that "
+                                 f"divides {config.hidden_size})")
             plans[-1].notes.append(
                 f"{h} heads do not divide hidden_size {config.hidden_size}, which LlamaConfig requires: the output "
-                "is saved with per-layer shapes (reload with gqaprune.load_pretrained or trust_remote_code=True)")
+                "is saved with per-layer shapes (reload with gqaprune.load_pretrained or trust_remote_code=True; "
+                "save_as: mistral saves a folder stock from_pretrained reloads)")
     return plans
+
+
+def check_save_as(recipe: Recipe, config, arch: str) -> bool:
+    """The recipe's ``save_as`` against the source model (before any weights load). Returns True when the run
+    will convert the pruned model (a Llama with ``save_as: mistral``); raises InputError when it cannot."""
+    if recipe.save_as == "auto":
+        return False
+    from gqaprune.convert import save_as_mistral_problem
+
+    problem = save_as_mistral_problem(config)
+    if problem:
+        raise InputError(problem)
+    if arch.removeprefix("PerLayer") == "MistralForCausalLM":
+        return False  # already a Mistral: saved as it is
+    if getattr(config, "gqaprune_layers", None):
+        raise InputError("save_as: mistral needs one shape in every layer, but the source model is per-layer-shaped "
+                         "(config.gqaprune_layers); use save_as: auto")
+    per_layer = [f"stages[{j}] {s.type}" for j, s in enumerate(recipe.stages)
+                 if getattr(s, "allocation", "uniform") != "uniform" or getattr(s, "protect_layers", [])]
+    if per_layer:
+        raise InputError(f"save_as: mistral needs one shape in every layer; {', '.join(per_layer)} give per-layer "
+                         "shapes (use allocation: uniform and no protect_layers, or save_as: auto)")
+    return True
 
 
 def llama_stock_head_counts(config) -> list[int]:

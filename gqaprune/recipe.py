@@ -191,6 +191,14 @@ class Recipe(_Strict):
     stages: list[Stage] = Field(min_length=1)
     eval: EvalConfig | None = None
     output: str | None = None
+    save_as: Literal["auto", "mistral"] = Field(
+        "auto",
+        description="architecture of the saved fp model. auto: the source's own (a Llama whose head count does not "
+                    "divide hidden_size is then saved per-layer, reloading with trust_remote_code=True). mistral: "
+                    "save a Llama without biases (attention_bias and mlp_bias false) as MistralForCausalLM, the same "
+                    "computation, which stock from_pretrained reloads with any head count; the conversion is checked "
+                    "on logits and needs one shape in every layer. A Mistral source is kept as it is. With an awq "
+                    "stage, the converted model is what AutoAWQ quantizes (an AWQ Mistral folder)")
 
     @model_validator(mode="after")
     def _cross_stage(self):

@@ -5,6 +5,10 @@ adapter, plan), then every input that is cheap to read (model folder, tokenizer,
 and evaluation tokens), and only then the weights. Bad input is an InputError (exit 2) raised
 before any folder is created.
 
+With ``save_as: mistral`` a Llama is converted to ``MistralForCausalLM`` (``gqaprune.convert``, checked on
+logits) after the last pruning/recover stage and before saving (and before AWQ), so the round trip reloads
+the Mistral folder with stock from_pretrained and compares it with the converted in-memory model.
+
 Everything is built in a temporary folder ``.<name>.gqaprune-tmp-<pid>`` beside the output
 path and renamed into place at the end, so the output path never holds a half-written
 folder. SIGINT/SIGTERM at any point remove the temporary folders (also the AWQ stage's
@@ -419,25 +423,46 @@ def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cf
     if not is_main:
         return {"status": "ok", "rank": os.environ.get("RANK")}
 
+    probe = calib[: min(4, calib.shape[0])]
+    if eval_tokens is not None and eval_tokens.numel() >= 4 * 64:
+        probe = eval_tokens[: 4 * 64].reshape(4, 64)
+
+    # -- save_as: mistral (opt-in): the same computation in a class stock from_pretrained reloads ----------
+    save_adapter = adapter  # the roles of the saved model (report["model"]["adapter"] stays the source's)
+    save_as = None
+    from gqaprune.checkpoint import stock_class
+
+    if recipe.save_as == "mistral" and stock_class(model).__name__ == "LlamaForCausalLM":
+        from gqaprune.adapters import builtin_adapters
+        from gqaprune.convert import CONVERT_TOL, llama_to_mistral
+
+        t = time.perf_counter()
+        model.eval()
+        converted_from = stock_class(model).__name__
+        model, conv_diff = llama_to_mistral(model, input_ids=probe)
+        ctx.model = model
+        save_adapter = builtin_adapters()["mistral"]
+        save_as = {"architecture": stock_class(model).__name__, "converted_from": converted_from,
+                   "max_abs_logit_diff": conv_diff, "tolerance": CONVERT_TOL.get(dtype, 1e-5)}
+        timings["convert"] = time.perf_counter() - t
+        log(f"save_as: mistral: converted to {save_as['architecture']}, max |logit diff| {conv_diff:.3g}")
+
     # -- save, reload from disk, compare -----------------------------------------------------
     t = time.perf_counter()
     tmp.mkdir(parents=True)  # (creates the output's parent folders too)
     model.eval()
     model.to(save_dtype)  # what is saved is exactly what the round trip compares against
-    probe = calib[: min(4, calib.shape[0])]
-    if eval_tokens is not None and eval_tokens.numel() >= 4 * 64:
-        probe = eval_tokens[: 4 * 64].reshape(4, 64)
     with torch.no_grad():
         ref_logits = model(input_ids=probe.to(device), use_cache=False).logits.float().cpu()
     if awq_cfg is None:
-        saved = save_model(model, adapter, tmp, tokenizer=tokenizer, dtype=save_dtype)
+        saved = save_model(model, save_adapter, tmp, tokenizer=tokenizer, dtype=save_dtype)
         del model
         reloaded = load_pretrained(tmp, dtype=save_dtype, device=str(device))
         kind = "uniform" if saved["uniform"] else "per_layer"
         loader = saved["loader"]
         awq_report = None
     else:
-        reloaded, kind, loader, awq_report = _awq_output(model, adapter, tokenizer, awq_cfg, recipe, tmp, probe,
+        reloaded, kind, loader, awq_report = _awq_output(model, save_adapter, tokenizer, awq_cfg, recipe, tmp, probe,
                                                          save_dtype, progress)
         del model
     with torch.no_grad():
@@ -462,7 +487,7 @@ def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cf
     gates = check_gates(eval_cfg.gates, before, after)
     status = "ok" if all(g["passed"] for g in gates.values()) else "failed"
 
-    per_layer = model_shapes(reloaded, adapter) if awq_cfg is None else awq_report["per_layer"]
+    per_layer = model_shapes(reloaded, save_adapter) if awq_cfg is None else awq_report["per_layer"]
     import transformers
 
     report = {
@@ -497,6 +522,8 @@ def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cf
         "output_kind": kind,
         "loader": loader,
     }
+    if save_as is not None:
+        report["save_as"] = save_as
     report["eval"]["lm_eval"] = {"before": before.get("lm_eval", {}), "after": after.get("lm_eval", {})}
     (tmp / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
     from gqaprune.report.card import write_card

@@ -78,8 +78,15 @@ def write_card(report: dict, recipe_text: str, path: Path) -> None:
         lines.append(f"| safetensors bytes | {awq['fp_safetensors_bytes']:,} (pruned, fp) | "
                      f"{awq['awq_safetensors_bytes']:,} (AWQ) | x{awq['compression_ratio']:.2f} smaller |")
     rt = report["roundtrip"]
-    lines += ["", f"Round trip: saved, reloaded from disk with {rt['loader']}, max |logit diff| = "
-                  f"{rt['max_abs_logit_diff']:.3g} ({'ok' if rt['ok'] else 'FAILED'}).", ""]
+    lines += [""]
+    sa = report.get("save_as")
+    if sa:
+        when = "before quantization" if report.get("output_kind") == "awq" else "before saving"
+        lines += [f"Saved as {sa['architecture']} (recipe `save_as: mistral`): converted from {sa['converted_from']} "
+                  f"{when}, the same computation in a class whose stock config accepts these head counts (max |logit "
+                  f"diff| between the two = {sa['max_abs_logit_diff']:.3g}).", ""]
+    lines += [f"Round trip: saved, reloaded from disk with {rt['loader']}, max |logit diff| = "
+              f"{rt['max_abs_logit_diff']:.3g} ({'ok' if rt['ok'] else 'FAILED'}).", ""]
     if report["gates"]:
         lines += ["## Gates", "", "| gate | limit | value | passed |", "|---|---|---|---|"]
         for k, g in report["gates"].items():

@@ -88,16 +88,18 @@ class HeadPrune:
         if c.allocation == "uniform":
             return {i: (n_remove if i in cand else 0) for i in range(n_layers)}
         if c.allocation == "global":
-            # each layer offers its removal steps in order of cost; a step's cost is normalized by
-            # the mean unit score of its layer so that layers of different scale compare
+            # each layer offers its removal steps in order of cost, and the cheapest steps of the whole
+            # model are taken. Costs are the raw scores, not normalized per layer: Taylor and reconstruction
+            # scores estimate the same quantity (loss change, residual-stream error) in every layer, and
+            # dividing by a layer's mean hides which layers matter (benchmarks/RESULTS.md: on tiny-llama Q25
+            # no repair, per-layer-mean normalization 295.34, raw 157.69, uniform 191.78).
             steps = []
             for i in cand:
                 q, grp = scores[i]
                 if c.unit == "group":
-                    costs = torch.sort(grp / grp.abs().mean().clamp_min(1e-12)).values
+                    costs = torch.sort(grp).values
                 else:
-                    qn = q / q.abs().mean().clamp_min(1e-12)
-                    costs = torch.sort(qn, dim=1).values.sum(0)  # k-th step: each group's k-th cheapest head
+                    costs = torch.sort(q, dim=1).values.sum(0)  # k-th step: each group's k-th cheapest head
                 steps += [(float(costs[k]), i, k) for k in range(cap[i])]
             steps.sort()
             alloc = {i: 0 for i in range(n_layers)}

@@ -79,12 +79,12 @@ class NeuronPrune:
             for i in cand:
                 keep_n[i], want = aligned_keep(widths[i], c)
                 rounding[i] = want - keep_n[i]
-        else:  # global: rank normalized scores across layers, then align each layer's kept width
+        else:  # global: rank raw scores across layers (as head_prune does), then align each layer's kept width
             total_keep = 0
             for i in cand:
                 k, want = aligned_keep(widths[i], c)
                 total_keep += want
-            normed = [(float(s), i) for i in cand for s in scores[i] / scores[i].abs().mean().clamp_min(1e-12)]
+            normed = [(float(s), i) for i in cand for s in scores[i]]
             normed.sort(reverse=True)
             counts = {i: 0 for i in cand}
             for _, i in normed[:total_keep]:

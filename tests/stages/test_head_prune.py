@@ -91,3 +91,19 @@ def test_least_squares_reduces_reconstruction_error():
     for layer in rep["layers"]:
         assert layer["rel_error_lsq"] <= layer["rel_error_slice"] + 1e-12
     assert any(layer["rel_error_lsq"] < 0.9 * layer["rel_error_slice"] for layer in rep["layers"])
+
+
+@pytest.mark.parametrize("score", ["magnitude", "activation"])
+def test_global_allocation_takes_the_cheapest_heads_of_the_whole_model(score):
+    # layer 1's o_proj scaled down 1000x: its heads cost far less than any other layer's, so
+    # global allocation (raw scores ranked across layers) takes all 3 removable heads per group
+    # there first (3 layers x 1 head per group = 3 steps), leaving layers 0 and 2 whole
+    model = tiny_model("llama")
+    ctx = _ctx(model)
+    with torch.no_grad():
+        get_module(decoder_layers(model, ctx.adapter)[1], ctx.adapter.layer.o).weight.mul_(1e-3)
+    stage = HeadPruneStage(type="head_prune", unit="query_head", prune_ratio=0.25, score=score,
+                           reconstruct="none", allocation="global")
+    rep = HeadPrune(stage).apply(ctx)
+    assert rep["removed_per_layer"] == [0, 3, 0]
+    assert [s["num_attention_heads"] for s in model_shapes(model, ctx.adapter)] == [8, 2, 8]

@@ -59,3 +59,18 @@ def test_least_squares_never_worse_than_slicing():
     rep = NeuronPrune(NeuronPruneStage(type="neuron_prune", prune_ratio=0.5, align=8)).apply(ctx)
     for layer in rep["layers"]:
         assert layer["rel_error_lsq"] <= layer["rel_error_slice"] + 1e-12
+
+
+def test_global_allocation_prunes_where_channels_matter_least():
+    # layer 0's down_proj scaled down 1000x: every activation score there is tiny, so global
+    # allocation (raw scores ranked across layers) removes that layer's channels first
+    model = tiny_model("llama")
+    ctx = _ctx(model)
+    with torch.no_grad():
+        get_module(decoder_layers(model, ctx.adapter)[0], ctx.adapter.layer.down).weight.mul_(1e-3)
+    stage = NeuronPruneStage(type="neuron_prune", prune_ratio=0.25, align=8, score="activation",
+                             reconstruct="none", allocation="global")
+    rep = NeuronPrune(stage).apply(ctx)
+    widths = [l["width_after"] for l in rep["layers"]]
+    # 3 x 72 kept in all: layer 0 gives up 72 of its 96 channels before the others give any
+    assert widths == [24, 96, 96], widths

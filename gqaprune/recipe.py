@@ -59,6 +59,10 @@ class LayerDropStage(_Strict):
     score: Literal["block_influence", "angular_block"] = "block_influence"
     protect_first: int = Field(1, ge=0)
     protect_last: int = Field(1, ge=0)
+    reconstruct: Literal["least_squares", "none"] = Field(
+        "least_squares", description="least_squares: refit the MLP output projection of the kept layer before each "
+        "dropped run so that it also writes what the run added to the residual stream; none: drop only")
+    reconstruct_damp: float = Field(0.01, gt=0, description="lambda as a fraction of the mean diagonal of X^T X")
 
     @model_validator(mode="after")
     def _amount(self):

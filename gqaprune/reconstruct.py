@@ -119,3 +119,26 @@ def repair_paired(w: torch.Tensor, c_dense: torch.Tensor, cross: torch.Tensor, c
         return float(num / torch.einsum("oi,ij,oj->", w64, c_dense, w64).clamp_min(1e-300))
 
     return new.to(dtype=w.dtype, device=w.device), {"rel_error_lsq": err(new)}
+
+
+def repair_residual(w: torch.Tensor, c: torch.Tensor, cross: torch.Tensor, delta_sq: float,
+                    damp: float = 0.01) -> tuple[torch.Tensor, dict]:
+    """Layer-drop repair: teach a kept projection to also write what dropped layers wrote.
+
+    With X the projection's inputs (in) and D the dropped layers' contribution to the residual stream
+    (out) over the calibration tokens, c = X^T X (in, in), cross = X^T D (in, out) and delta_sq = ||D||^2,
+    the weight W' = W + E minimizing ||E X - D||^2 + lambda ||E||^2 (damping pulls toward the original
+    weight, so E = 0 is always a candidate and the result is never worse than dropping alone) is
+    E = cross^T (C + lambda I)^-1. Errors are relative to ||D||^2: 1.0 before the solve (nothing of D
+    is reproduced), ||E X - D||^2 / ||D||^2 after.
+    """
+    w64, c, cross = w.detach().double().cpu(), c.detach().double().cpu(), cross.detach().double().cpu()
+    lam = damp * float(torch.diagonal(c).mean().clamp_min(1e-12))
+    a = c + lam * torch.eye(c.shape[0], dtype=c.dtype)
+    chol, info = torch.linalg.cholesky_ex(a)
+    e = (torch.cholesky_solve(cross, chol) if int(info) == 0 else torch.linalg.pinv(a) @ cross).T  # (out, in)
+    resid = _quad(e, c) - 2 * (e * cross.T).sum() + delta_sq
+    err = float(resid / max(delta_sq, 1e-300))
+    if not err <= 1.0:  # rounding on a degenerate case: keep the layer as it was
+        e, err = torch.zeros_like(e), 1.0
+    return (w64 + e).to(dtype=w.dtype, device=w.device), {"rel_error_drop": 1.0, "rel_error_lsq": err}

@@ -2,7 +2,7 @@
 
 import torch
 
-from gqaprune.reconstruct import relative_error, repair
+from gqaprune.reconstruct import relative_error, repair, repair_residual
 
 
 def test_exact_linear_combination_is_restored_exactly():
@@ -30,3 +30,27 @@ def test_relative_error_matches_direct_computation():
     keep = torch.tensor([0, 2, 5])
     direct = ((x @ w.T - x[:, keep] @ w[:, keep].T).pow(2).sum() / (x @ w.T).pow(2).sum()).item()
     assert abs(relative_error(w, x.T @ x, keep, w[:, keep]) - direct) < 1e-10
+
+
+def test_residual_repair_learns_an_exactly_linear_contribution():
+    # the dropped contribution D = A X is linear in the kept projection's inputs: the repaired
+    # weight is W + A and reproduces W X + D (up to the tiny damping)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 12, generator=gen, dtype=torch.float64)  # (tokens, in)
+    w = torch.randn(6, 12, generator=gen, dtype=torch.float64)  # (out, in)
+    a = torch.randn(6, 12, generator=gen, dtype=torch.float64)
+    d = x @ a.T  # (tokens, out)
+    new, err = repair_residual(w, x.T @ x, x.T @ d, float(d.pow(2).sum()), damp=1e-9)
+    assert torch.allclose(new, w + a, atol=1e-5)
+    assert err["rel_error_drop"] == 1.0 and err["rel_error_lsq"] < 1e-8
+
+
+def test_residual_repair_never_worse_than_dropping_and_reports_the_true_error():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 16, generator=gen, dtype=torch.float64)
+    w = torch.randn(8, 16, generator=gen, dtype=torch.float64)
+    d = torch.tanh(x[:, :8] * 3) + 0.5 * torch.randn(300, 8, generator=gen, dtype=torch.float64)  # partly linear
+    new, err = repair_residual(w, x.T @ x, x.T @ d, float(d.pow(2).sum()))
+    direct = float(((x @ (new - w).T) - d).pow(2).sum() / d.pow(2).sum())
+    assert abs(err["rel_error_lsq"] - direct) < 1e-9
+    assert 0.0 < err["rel_error_lsq"] < 1.0

@@ -15,6 +15,11 @@ def _stage_line(s: dict) -> str:
     t = s["type"]
     if t == "layer_drop":
         what = f"dropped layers {s['dropped_layers']} by {s['score']}"
+        fixed = [r for r in s.get("repairs", []) if r.get("repaired_layer") is not None]
+        if fixed:
+            what += "; least-squares repair: " + ", ".join(
+                f"layer {r['repaired_layer']} writes {1 - r['rel_error_lsq']:.0%} of what layers {r['dropped']} added"
+                for r in fixed)
     elif t == "head_prune":
         what = (f"{s['unit']} pruning by {s['score']} ({s['allocation']}, reconstruct {s['reconstruct']}); "
                 f"heads per layer after: {[l['heads_after'] for l in s['layers']]}, "

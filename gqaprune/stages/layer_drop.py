@@ -5,6 +5,12 @@ the num_layers lowest-BI layers outside the protected ends are dropped.
 angular_block: d(l, n) = mean over tokens of arccos(cos(h_l, h_{l+n})) / pi; the contiguous
 run of n layers with the smallest d is dropped (Gromov et al. use the last token; we average
 over all tokens of the calibration windows).
+
+reconstruct: least_squares then repairs what was dropped, without training: for each contiguous
+run of dropped layers [s, e), the MLP output projection (down_proj, fc2) of the kept layer s-1 is
+refit by least squares to write, on top of its own output, the residual-stream update h_e - h_s
+that the dropped run used to add (gqaprune.reconstruct.repair_residual). A run that starts at
+layer 0 has no layer before it and is not repaired.
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from gqaprune.adapters import decoder_layers
+from gqaprune.adapters import decoder_layers, get_module
 from gqaprune.context import RunContext
+from gqaprune.reconstruct import repair_residual
 from gqaprune.recipe import LayerDropStage
 from gqaprune.surgery import drop_layers
 
@@ -57,6 +64,54 @@ def layer_distances(model, adapter, calib: torch.Tensor, batch_size: int, progre
     return sums / count
 
 
+def contiguous_runs(dropped: list[int]) -> list[tuple[int, int]]:
+    """[2, 3, 6] -> [(2, 4), (6, 7)]: half-open runs of consecutive layer indices."""
+    runs: list[list[int]] = []
+    for i in sorted(dropped):
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(s, e) for s, e in runs]
+
+
+def residual_stats(model, adapter, calib: torch.Tensor, runs: list[tuple[int, int]], batch_size: int,
+                   progress: bool = True) -> dict[int, tuple]:
+    """For each run (s, e) with s >= 1, over the calibration tokens: the Gram C = X^T X of the down
+    projection's inputs in layer s-1 (in, in), cross = X^T (h_e - h_s) (in, hidden) and ||h_e - h_s||^2.
+    One pass of the unpruned model; float32 in-place accumulation as in gqaprune.scoring."""
+    layers = decoder_layers(model, adapter)
+    inputs: dict[int, torch.Tensor] = {}
+    handles = []
+    for s, _ in runs:
+        if s == 0:
+            continue
+        down = get_module(layers[s - 1], adapter.layer.down)
+        handles.append(down.register_forward_pre_hook(
+            lambda mod, args, s=s: inputs.__setitem__(s, args[0].detach().float())))
+    out: dict[int, list] = {}
+    device = next(model.parameters()).device
+    try:
+        for b in tqdm(range(0, calib.shape[0], batch_size), desc="layer repair stats", disable=not progress,
+                      leave=False):
+            hs = layer_hidden_states(model, adapter, calib[b: b + batch_size].to(device))
+            for s, e in runs:
+                if s == 0:
+                    continue
+                x = inputs[s].reshape(-1, inputs[s].shape[-1])  # (tokens, in)
+                d = (hs[e] - hs[s]).reshape(x.shape[0], -1)  # (tokens, hidden): what the run added
+                if s not in out:
+                    out[s] = [torch.zeros(x.shape[1], x.shape[1], device=x.device),
+                              torch.zeros(x.shape[1], d.shape[1], device=x.device), 0.0]
+                out[s][0].addmm_(x.T, x)
+                out[s][1].addmm_(x.T, d)
+                out[s][2] += float(d.double().pow(2).sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return {s: tuple(v) for s, v in out.items()}
+
+
 class LayerDrop:
     def __init__(self, cfg: LayerDropStage):
         self.cfg = cfg
@@ -81,8 +136,25 @@ class LayerDrop:
             starts = [i for i in range(lo, hi - n + 1)]
             best = min(starts, key=lambda i: (scores[i], i))
             dropped = list(range(best, best + n))
+        repairs = []
+        if c.reconstruct == "least_squares":
+            runs = contiguous_runs(dropped)
+            stats = residual_stats(ctx.model, ctx.adapter, ctx.calib, runs, ctx.batch_size, ctx.progress)
+            layers = decoder_layers(ctx.model, ctx.adapter)
+            for s, e in runs:
+                if s not in stats:
+                    repairs.append({"dropped": list(range(s, e)), "repaired_layer": None,
+                                    "why_not": "no kept layer before layer 0"})
+                    continue
+                down = get_module(layers[s - 1], ctx.adapter.layer.down)
+                new_w, err = repair_residual(down.weight, *stats[s], c.reconstruct_damp)
+                with torch.no_grad():
+                    down.weight.copy_(new_w)
+                repairs.append({"dropped": list(range(s, e)), "repaired_layer": s - 1, **err})
         drop_layers(ctx.model, ctx.adapter, dropped)
         return {
+            "reconstruct": c.reconstruct,
+            "repairs": repairs,
             "score": c.score,
             "layer_scores": scores,
             "dropped_layers": dropped,

@@ -4,18 +4,28 @@ For each builtin model (tiny-llama, tiny-qwen2, tiny-phi3): held-out builtin:pyd
 after removing half the KV groups (G50), 1 and 2 of 4 query heads per group (Q25, Q50), and
 25% / 50% of MLP channels (N25, N50), with every score, with and without least-squares
 reconstruction, independent vs sequential calibration, and Torch-Pruning 1.6.1 where it can
-reach the budget (it removes query heads, never KV heads). Same calibration windows (64 x 128
-tokens of the train split, seed 0) and same evaluation tokens for every row. No recovery.
+reach the budget (it removes query heads, never KV heads). Uniform and global allocation for
+every importance score; for half the KV groups, the best of all 2^layers uniform group choices
+(picked by held-out perplexity: an upper bound no score can beat, not a method). Layer drop by
+block influence (ShortGPT) and angular distance (Gromov et al.), with and without least-squares
+repair, against dropping the last layers. Same calibration windows (64 x 128 tokens of the train
+split, seed 0) and same evaluation tokens for every row. No recovery.
 
-    python -m benchmarks.quality            # all three models (~30-40 min on 2 cores)
-    python -m benchmarks.quality --models builtin:tiny-llama
+    python -m benchmarks.quality            # all three models, one after another
+    python -m benchmarks.quality --models builtin:tiny-llama   # one model; results/quality_<model>.json
+    python -m benchmarks.quality --render   # rebuild results/quality.md from the per-model JSON files
+
+Each model's results go to their own JSON file, so models can run in parallel processes; the
+table is rendered from every per-model file present.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,8 +36,14 @@ from gqaprune.data import calibration_windows, token_stream
 from gqaprune.evaluation.perplexity import perplexity
 from gqaprune.recipe import HeadPruneStage, NeuronPruneStage
 from gqaprune.sources import load_tokenizer
+from gqaprune.adapters import decoder_layers, resolve_adapter
+from gqaprune.recipe import LayerDropStage
 from gqaprune.stages.head_prune import HeadPrune
+from gqaprune.stages.layer_drop import LayerDrop
 from gqaprune.stages.neuron_prune import NeuronPrune
+from gqaprune.surgery import drop_layers, prune_heads
+
+RESULTS = Path(__file__).parent / "results"
 
 HEAD_BUDGETS = {
     "G50": {"unit": "group", "prune_ratio": 0.5},
@@ -35,8 +51,10 @@ HEAD_BUDGETS = {
     "Q50": {"unit": "query_head", "prune_ratio": 0.5},
 }
 HEAD_SCORES = ["taylor", "magnitude", "activation", "reconstruction", "random", "truncate"]
-NEURON_BUDGETS = {"N25": 0.25, "N50": 0.5}
-NEURON_SCORES = ["taylor", "magnitude", "activation", "reconstruction", "random"]
+NEURON_BUDGETS = {"N25": 0.25, "N50": 0.5, "N75": 0.75}
+NEURON_SCORES = ["taylor", "magnitude", "activation", "frequency", "reconstruction", "random"]
+GLOBAL_SCORES = ["taylor", "magnitude", "activation", "reconstruction"]
+LAYER_BUDGETS = {"L1": 1, "L2": 2}  # layers dropped of 4 (L2 may drop the last layer)
 
 
 class Bench:
@@ -46,6 +64,7 @@ class Bench:
         self.tok = load_tokenizer(self.folder)
         self.calib = calibration_windows(self.tok, "builtin:pydoc", "train", 64, 128, seed=0)
         self.eval_tokens = token_stream(self.tok, "builtin:pydoc", "validation")
+        self.adapter = resolve_adapter("auto", self.fresh().config.architectures)
 
     def fresh(self):
         return load_pretrained(self.folder).eval()
@@ -66,6 +85,33 @@ class Bench:
         NeuronPrune(NeuronPruneStage(**stage)).apply(context(model, self.calib, stage, sequential=sequential))
         return self.ppl(model)
 
+    def layers(self, n: int, score: str, reconstruct: str) -> tuple[float, list[int]]:
+        model = self.fresh()
+        stage = {"type": "layer_drop", "num_layers": n, "score": score, "reconstruct": reconstruct,
+                 "protect_first": 1, "protect_last": 1 if n == 1 else 0}
+        rep = LayerDrop(LayerDropStage(**stage)).apply(context(model, self.calib, stage))
+        return self.ppl(model), rep["dropped_layers"]
+
+    def drop_last(self, n: int) -> float:
+        model = self.fresh()
+        total = len(decoder_layers(model, self.adapter))
+        drop_layers(model, self.adapter, list(range(total - n, total)))
+        return self.ppl(model)
+
+    def best_group_choice(self) -> tuple[float, list[int]]:
+        """Keep one KV group (with its query heads) per layer, every combination; the lowest held-out perplexity."""
+        probe = self.fresh()
+        n_layers = len(decoder_layers(probe, self.adapter))
+        nq, nkv = probe.config.num_attention_heads, probe.config.num_key_value_heads
+        g = nq // nkv
+        best = (float("inf"), [])
+        for choice in itertools.product(range(nkv), repeat=n_layers):
+            model = self.fresh()
+            for i, j in enumerate(choice):
+                prune_heads(model, self.adapter, i, {j: [j * g + h for h in range(g)]})
+            best = min(best, (self.ppl(model), list(choice)))
+        return best
+
     def torch_pruning(self, kind: str, ratio: float, importance: str):
         try:
             from benchmarks.peers import torch_pruning_baseline as tpb
@@ -82,51 +128,84 @@ class Bench:
         return self.ppl(model)
 
 
+def run_model(name: str) -> dict:
+    b = Bench(name)
+    r = {"dense": b.ppl(b.fresh()), "heads": {}, "neurons": {}, "tp": {}, "layers": {}, "oracle": {}}
+    print(name, "dense", r["dense"], flush=True)
+    for bud, spec in HEAD_BUDGETS.items():
+        for score in HEAD_SCORES:
+            for rec in ("none", "least_squares"):
+                r["heads"][f"{bud}|{score}|{rec}|uniform|indep"] = b.heads(spec, score, rec)
+        # with 2 KV groups and min_groups_per_layer 1, global group allocation has no choice: taylor only
+        for score in GLOBAL_SCORES if spec["unit"] == "query_head" else ["taylor"]:
+            for rec in ("none", "least_squares"):
+                r["heads"][f"{bud}|{score}|{rec}|global|indep"] = b.heads(spec, score, rec, "global")
+        for rec in ("none", "least_squares"):
+            r["heads"][f"{bud}|taylor|{rec}|by_layer_importance|indep"] = b.heads(spec, "taylor", rec,
+                                                                                "by_layer_importance")
+        r["heads"][f"{bud}|taylor|least_squares|uniform|seq"] = b.heads(spec, "taylor", "least_squares",
+                                                                      sequential=True)
+        print(name, bud, {k: round(v, 2) for k, v in r["heads"].items() if k.startswith(bud)}, flush=True)
+    ppl, choice = b.best_group_choice()
+    r["oracle"]["G50"] = {"perplexity": ppl, "kept_group_per_layer": choice}
+    print(name, "G50 best choice", ppl, choice, flush=True)
+    for bud, ratio in NEURON_BUDGETS.items():
+        for score in NEURON_SCORES:
+            for rec in ("none", "least_squares"):
+                r["neurons"][f"{bud}|{score}|{rec}|uniform|indep"] = b.neurons(ratio, score, rec)
+        for score in ("taylor", "activation"):
+            for rec in ("none", "least_squares"):
+                r["neurons"][f"{bud}|{score}|{rec}|global|indep"] = b.neurons(ratio, score, rec, allocation="global")
+        r["neurons"][f"{bud}|taylor|least_squares|uniform|seq"] = b.neurons(ratio, "taylor", "least_squares",
+                                                                          sequential=True)
+        print(name, bud, {k: round(v, 2) for k, v in r["neurons"].items() if k.startswith(bud)}, flush=True)
+    for bud, n in LAYER_BUDGETS.items():
+        for score in ("block_influence", "angular_block"):
+            for rec in ("none", "least_squares"):
+                ppl, dropped = b.layers(n, score, rec)
+                r["layers"][f"{bud}|{score}|{rec}"] = {"perplexity": ppl, "dropped": dropped}
+        r["layers"][f"{bud}|last layers|none"] = {"perplexity": b.drop_last(n), "dropped": f"last {n}"}
+        print(name, bud, r["layers"], flush=True)
+    for imp in ("magnitude", "taylor"):
+        for bud, ratio in (("Q25", 0.25), ("Q50", 0.5)):
+            r["tp"][f"{bud}|{imp}"] = b.torch_pruning("heads", ratio, imp)
+        for bud, ratio in NEURON_BUDGETS.items():
+            r["tp"][f"{bud}|{imp}"] = b.torch_pruning("mlp", ratio, imp)
+    print(name, "tp", r["tp"], flush=True)
+    return r
+
+
+def _json_path(name: str) -> Path:
+    return RESULTS / f"quality_{name.removeprefix('builtin:')}.json"
+
+
+def render_all() -> None:
+    results = {m: json.loads(_json_path(m).read_text()) for m in BUILTIN_MODELS if _json_path(m).exists()}
+    write_result("quality", render(results))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=list(BUILTIN_MODELS))
+    ap.add_argument("--render", action="store_true", help="only rebuild the table from the JSON files")
     args = ap.parse_args()
-    torch.set_num_threads(1)  # tiny models: one thread is faster and immune to other load on the machine
-    t0 = time.perf_counter()
-    results: dict = {}
-    for name in args.models:
-        b = Bench(name)
-        r = results[name] = {"dense": b.ppl(b.fresh()), "heads": {}, "neurons": {}, "tp": {}}
-        print(name, "dense", r["dense"], flush=True)
-        for bud, spec in HEAD_BUDGETS.items():
-            for score in HEAD_SCORES:
-                for rec in ("none", "least_squares"):
-                    r["heads"][f"{bud}|{score}|{rec}|uniform|indep"] = b.heads(spec, score, rec)
-            for rec in ("none", "least_squares"):
-                r["heads"][f"{bud}|taylor|{rec}|global|indep"] = b.heads(spec, "taylor", rec, "global")
-            r["heads"][f"{bud}|taylor|least_squares|uniform|seq"] = b.heads(spec, "taylor", "least_squares",
-                                                                          sequential=True)
-            print(name, bud, {k: round(v, 2) for k, v in r["heads"].items() if k.startswith(bud)}, flush=True)
-        for bud, ratio in NEURON_BUDGETS.items():
-            for score in NEURON_SCORES:
-                for rec in ("none", "least_squares"):
-                    r["neurons"][f"{bud}|{score}|{rec}|uniform|indep"] = b.neurons(ratio, score, rec)
-            r["neurons"][f"{bud}|taylor|least_squares|uniform|seq"] = b.neurons(ratio, "taylor", "least_squares",
-                                                                              sequential=True)
-            print(name, bud, {k: round(v, 2) for k, v in r["neurons"].items() if k.startswith(bud)}, flush=True)
-        for imp in ("magnitude", "taylor"):
-            for bud, ratio in (("Q25", 0.25), ("Q50", 0.5)):
-                r["tp"][f"{bud}|{imp}"] = b.torch_pruning("heads", ratio, imp)
-            for bud, ratio in NEURON_BUDGETS.items():
-                r["tp"][f"{bud}|{imp}"] = b.torch_pruning("mlp", ratio, imp)
-        print(name, "tp", r["tp"], flush=True)
-        # written after every model, so a long run leaves its finished part behind
-        (__import__("pathlib").Path(__file__).parent / "results" / "quality.json").write_text(
-            json.dumps(results, indent=2, sort_keys=True))
-        write_result("quality", render(results, time.perf_counter() - t0))
+    if not args.render:
+        torch.set_num_threads(1)  # tiny models: one thread is faster and immune to other load on the machine
+        for name in args.models:
+            t0 = time.perf_counter()
+            r = run_model(name)
+            r["seconds"] = time.perf_counter() - t0
+            _json_path(name).write_text(json.dumps(r, indent=2, sort_keys=True))
+    render_all()
 
 
-def render(results: dict, seconds: float) -> str:
+def render(results: dict) -> str:
     models = list(results)
     short = [m.removeprefix("builtin:") for m in models]
+    minutes = ", ".join(f"{s} {results[m].get('seconds', 0) / 60:.1f}" for s, m in zip(short, models))
     out = ["## One-shot quality: held-out builtin:pydoc perplexity (lower is better)", "",
            "`python -m benchmarks.quality` — no recovery; calibration 64 x 128 tokens (train split, seed 0); "
-           f"evaluation on the whole validation split; total {seconds / 60:.1f} min on this machine.", "",
+           f"evaluation on the whole validation split; minutes per model on this machine: {minutes}.", "",
            "Dense: " + ", ".join(f"{s} {results[m]['dense']:.2f}" for s, m in zip(short, models)), ""]
 
     def ppl(v):
@@ -146,18 +225,30 @@ def render(results: dict, seconds: float) -> str:
             label = f"Torch-Pruning {imp}" + ("" if bud != "G50" else " at Q50 (its maximum: it never removes KV "
                                                                       "heads; fewer parameters removed than G50)")
             rows.append([label, "-", "uniform", "-"] + [ppl(results[m]["tp"].get(tk, "n/a")) for m in models])
+        if bud == "G50":
+            rows.append(["best of all uniform group choices (upper bound, picked on the evaluation text)", "none",
+                         "uniform", "-"] + [f"{ppl(results[m]['oracle']['G50']['perplexity'])} (kept "
+                                            f"{results[m]['oracle']['G50']['kept_group_per_layer']})" for m in models])
         out += [table(["score", "reconstruct", "allocation", "calibration"] + short, rows), ""]
     for bud, ratio in NEURON_BUDGETS.items():
         out += [f"### MLP channels {bud}: prune_ratio {ratio}, align 64", ""]
         rows = []
         for k in [k for k in results[models[0]]["neurons"] if k.startswith(bud + "|")]:
             _, score, rec, alloc, mode = k.split("|")
-            rows.append([score, rec, "sequential" if mode == "seq" else "independent"]
+            rows.append([score, rec, alloc, "sequential" if mode == "seq" else "independent"]
                         + [ppl(results[m]["neurons"][k]) for m in models])
         for imp in ("magnitude", "taylor"):
-            rows.append([f"Torch-Pruning {imp}", "-", "-"] + [ppl(results[m]["tp"].get(f"{bud}|{imp}", "n/a"))
-                                                            for m in models])
-        out += [table(["score", "reconstruct", "calibration"] + short, rows), ""]
+            rows.append([f"Torch-Pruning {imp}", "-", "uniform", "-"]
+                        + [ppl(results[m]["tp"].get(f"{bud}|{imp}", "n/a")) for m in models])
+        out += [table(["score", "reconstruct", "allocation", "calibration"] + short, rows), ""]
+    for bud, n in LAYER_BUDGETS.items():
+        out += [f"### Layer drop {bud}: {n} of 4 layers (protect_first 1, protect_last {1 if n == 1 else 0})", ""]
+        rows = []
+        for k in [k for k in results[models[0]].get("layers", {}) if k.startswith(bud + "|")]:
+            _, score, rec = k.split("|")
+            rows.append([score, rec] + [f"{ppl(results[m]['layers'][k]['perplexity'])} (dropped "
+                                        f"{results[m]['layers'][k]['dropped']})" for m in models])
+        out += [table(["score", "reconstruct"] + short, rows), ""]
     return "\n".join(out)
 
 

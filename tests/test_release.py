@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from gqaprune.cli import main
 from gqaprune.errors import CheckFailed
+from tiny import write_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("  - {type: layer_drop, num_layers: 1}\n"
@@ -29,12 +30,8 @@ NO_EVAL = "eval: {perplexity: null, lm_eval: {tasks: []}}\n"
 SMALL_EVAL = "eval: {perplexity: {max_tokens: 300, seq_len: 64}, lm_eval: {tasks: []}}\n"
 
 
-def _recipe(folder: Path, model, stages=STAGES, out="out", calibration="{samples: 8, seq_len: 32, batch_size: 4}",
-            eval_block=SMALL_EVAL, extra="", name="r.yaml") -> Path:
-    r = folder / name
-    r.write_text(f"model: {model}\nruntime: {{threads: 1}}\ncalibration: {calibration}\n{eval_block}"
-                 f"output: {folder / out}\n{extra}stages:\n{stages}")
-    return r
+def _recipe(folder: Path, model, stages=STAGES, eval_block=SMALL_EVAL, name="r.yaml", **kw) -> Path:
+    return write_recipe(folder, model, stages, eval_block=eval_block, name=name, runtime="runtime: {threads: 1}\n", **kw)
 
 
 @pytest.fixture(scope="module")

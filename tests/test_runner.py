@@ -9,14 +9,11 @@ from safetensors.torch import load_file, save_file
 
 from gqaprune.cli import main
 from gqaprune.errors import CheckFailed
+from tiny import write_recipe
 
 
 def _recipe(tmp_path, model_dir, stages, out="out", extra=""):
-    r = tmp_path / "recipe.yaml"
-    r.write_text(f"model: {model_dir}\ncalibration: {{samples: 8, seq_len: 32, batch_size: 4}}\n"
-                 f"eval: {{perplexity: {{max_tokens: 600, seq_len: 64}}, lm_eval: {{tasks: []}}}}\n"
-                 f"output: {tmp_path / out}\n{extra}stages:\n{stages}")
-    return r
+    return write_recipe(tmp_path, model_dir, stages, out=out, extra=extra)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from gqaprune import convert
 from gqaprune.cli import main
 from gqaprune.errors import CheckFailed
-from tests.tiny import tiny_inputs
+from tests.tiny import tiny_inputs, write_recipe
 
 # hidden 64, 8 query heads in 2 groups of 4, head_dim 8: keeping 3 query heads per group leaves 6 heads,
 # which do not divide 64, so LlamaConfig cannot describe the pruned model
@@ -31,11 +31,7 @@ def _one_thread():
 
 
 def _recipe(tmp_path, model_dir, stages, out="out", extra=""):
-    r = tmp_path / "recipe.yaml"
-    r.write_text(f"model: {model_dir}\ncalibration: {{samples: 8, seq_len: 32, batch_size: 4}}\n"
-                 f"eval: {{perplexity: {{max_tokens: 600, seq_len: 64}}, lm_eval: {{tasks: []}}}}\n"
-                 f"output: {tmp_path / out}\n{extra}stages:\n{stages}")
-    return r
+    return write_recipe(tmp_path, model_dir, stages, out=out, extra=extra)
 
 
 def _llama(seed=0, **overrides) -> tf.LlamaForCausalLM:

@@ -85,3 +85,17 @@ def save_tiny(family: str, folder, seed: int = 0, **overrides):
     model.save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
     return model, tok
+
+
+RUN_EVAL = "eval: {perplexity: {max_tokens: 600, seq_len: 64}, lm_eval: {tasks: []}}\n"
+
+
+def write_recipe(folder, model, stages: str, *, out="out", calibration="{samples: 8, seq_len: 32, batch_size: 4}",
+                 eval_block=RUN_EVAL, runtime="", extra="", name="recipe.yaml"):
+    """A small recipe file in ``folder`` (fast calibration and evaluation); ``stages`` is YAML list text."""
+    from pathlib import Path
+
+    r = Path(folder) / name
+    r.write_text(f"model: {model}\n{runtime}calibration: {calibration}\n{eval_block}"
+                 f"output: {Path(folder) / out}\n{extra}stages:\n{stages}")
+    return r

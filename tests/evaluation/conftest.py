@@ -35,26 +35,13 @@ def bpe_tokenizer():
 
 
 def build_tiny_llama(tokenizer, seed: int = 0):
-    import torch
-    import transformers as tf
+    """tests/tiny.py's Llama with the tokenizer's vocabulary and special tokens (1 KV head, 2 layers)."""
+    from tiny import tiny_model
 
-    torch.manual_seed(seed)
-    config = tf.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    config.architectures = ["LlamaForCausalLM"]
-    return tf.LlamaForCausalLM(config).eval()
+    return tiny_model("llama", seed=seed, vocab_size=len(tokenizer), intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+                      bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
 
 
 @pytest.fixture(scope="session")
@@ -67,14 +54,3 @@ def task_cache(tmp_path, monkeypatch):
     """A private GQAPRUNE_CACHE so generated task folders never touch the user's cache."""
     monkeypatch.setenv("GQAPRUNE_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and do not fight parallel jobs for cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

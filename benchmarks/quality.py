@@ -199,6 +199,20 @@ def main():
     render_all()
 
 
+_ALLOCATIONS = ["uniform", "global", "by_layer_importance"]
+_LAYER_SCORES = ["block_influence", "angular_block", "last layers"]
+
+
+def _row_order(key: str, scores: list[str]) -> tuple:
+    """Rows grouped by score (in the benchmark's order), then none before least_squares, then allocation
+    and calibration mode; the JSON files keep keys sorted alphabetically, this restores a reading order."""
+    parts = key.split("|")[1:]
+    score, rec = parts[0], parts[1]
+    rest = parts[2:]
+    return (scores.index(score) if score in scores else len(scores), rec != "none",
+            _ALLOCATIONS.index(rest[0]) if rest else 0, rest[1:] if rest else [])
+
+
 def render(results: dict) -> str:
     models = list(results)
     short = [m.removeprefix("builtin:") for m in models]
@@ -215,7 +229,7 @@ def render(results: dict) -> str:
         out += [f"### Heads {bud}: {spec['unit']}, prune_ratio {spec['prune_ratio']}", ""]
         rows = []
         keys = [k for k in results[models[0]]["heads"] if k.startswith(bud + "|")]
-        for k in keys:
+        for k in sorted(keys, key=lambda k: _row_order(k, HEAD_SCORES)):
             _, score, rec, alloc, mode = k.split("|")
             rows.append([score, rec, alloc, "sequential" if mode == "seq" else "independent"]
                         + [ppl(results[m]["heads"][k]) for m in models])
@@ -233,7 +247,8 @@ def render(results: dict) -> str:
     for bud, ratio in NEURON_BUDGETS.items():
         out += [f"### MLP channels {bud}: prune_ratio {ratio}, align 64", ""]
         rows = []
-        for k in [k for k in results[models[0]]["neurons"] if k.startswith(bud + "|")]:
+        keys = [k for k in results[models[0]]["neurons"] if k.startswith(bud + "|")]
+        for k in sorted(keys, key=lambda k: _row_order(k, NEURON_SCORES)):
             _, score, rec, alloc, mode = k.split("|")
             rows.append([score, rec, alloc, "sequential" if mode == "seq" else "independent"]
                         + [ppl(results[m]["neurons"][k]) for m in models])
@@ -244,7 +259,8 @@ def render(results: dict) -> str:
     for bud, n in LAYER_BUDGETS.items():
         out += [f"### Layer drop {bud}: {n} of 4 layers (protect_first 1, protect_last {1 if n == 1 else 0})", ""]
         rows = []
-        for k in [k for k in results[models[0]].get("layers", {}) if k.startswith(bud + "|")]:
+        keys = [k for k in results[models[0]].get("layers", {}) if k.startswith(bud + "|")]
+        for k in sorted(keys, key=lambda k: _row_order(k, _LAYER_SCORES)):
             _, score, rec = k.split("|")
             rows.append([score, rec] + [f"{ppl(results[m]['layers'][k]['perplexity'])} (dropped "
                                         f"{results[m]['layers'][k]['dropped']})" for m in models])

@@ -228,6 +228,12 @@ def model_shapes(model: nn.Module, adapter: Adapter) -> list[dict]:
     return [layer_shape(layer, adapter, hd) for layer in decoder_layers(model, adapter)]
 
 
+def kv_cache_bytes_per_token(model: nn.Module, adapter: Adapter, bytes_per_value: int) -> int:
+    """Bytes the KV cache grows by per token: a key and a value vector per KV head in every layer."""
+    hd = head_dim_of(model.config, adapter)
+    return sum(2 * s["num_key_value_heads"] * hd * bytes_per_value for s in model_shapes(model, adapter))
+
+
 def check_adapter_on_model(model: nn.Module, adapter: Adapter) -> None:
     """Every role resolves and the weight shapes agree with the config; else a clear error."""
     config = model.config

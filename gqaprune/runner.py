@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from gqaprune import __version__
-from gqaprune.adapters import check_adapter_on_model, model_shapes, resolve_adapter
+from gqaprune.adapters import check_adapter_on_model, kv_cache_bytes_per_token, model_shapes, resolve_adapter
 from gqaprune.context import RunContext
 from gqaprune.data import calibration_windows, token_stream
 from gqaprune.errors import CheckFailed, GateFailed, InputError
@@ -394,6 +394,8 @@ def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cf
     if "perplexity" in before:
         log(f"perplexity before: {before['perplexity']:.3f}")
     params_before = count_params(model)
+    kv_bytes = save_dtype.itemsize  # KV cache bytes are counted in the saved dtype
+    kv_before = kv_cache_bytes_per_token(model, adapter, kv_bytes)
 
     ctx = RunContext(model=model, adapter=adapter, tokenizer=tokenizer, recipe=recipe, calib=calib,
                      eval_tokens=eval_tokens, progress=progress, is_main_process=is_main)
@@ -412,6 +414,7 @@ def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cf
         entry.update(build_stage(st).apply(ctx))
         check_finite(ctx.model, calib[:2], f"stage {si} ({st.type})")
         entry["params_before"], entry["params_after"] = p_before, count_params(ctx.model)
+        entry["kv_cache_bytes_per_token_after"] = kv_cache_bytes_per_token(ctx.model, adapter, kv_bytes)
         if eval_tokens is not None:
             p = eval_cfg.perplexity
             entry["perplexity_after"] = perplexity(ctx.model, eval_tokens, p.seq_len, p.stride, p.batch_size,
@@ -508,6 +511,9 @@ def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cf
         "unhashed_files": list(UNHASHED_OUTPUT_FILES),
         "params_before": params_before,
         "params_after": count_params(reloaded) if awq_cfg is None else awq_report["params_fp"],
+        "kv_cache_bytes_per_token_before": kv_before,
+        "kv_cache_bytes_per_token_after": (stage_reports[-1]["kv_cache_bytes_per_token_after"] if stage_reports
+                                           else kv_before),
         "stages": stage_reports,
         "shapes_after": {"num_hidden_layers": len(per_layer), "head_dim": getattr(config, "head_dim", None),
                          "per_layer": per_layer},

@@ -52,6 +52,13 @@ def test_run_writes_output_folder_and_reloads(tmp_path, llama_dir):
                for s in rep["shapes_after"]["per_layer"])
     assert [s["type"] for s in rep["stages"]] == ["layer_drop", "head_prune", "neuron_prune"]
     assert all(s["params_after"] <= s["params_before"] and s["seconds"] >= 0 for s in rep["stages"])
+    # KV cache per token, fp32: 2 (k, v) x KV heads x head_dim 16 x 4 bytes per layer; 4 layers x 2 KV heads
+    # before, then 3 layers (layer drop) and 3 layers x 1 KV head (half the groups)
+    assert rep["kv_cache_bytes_per_token_before"] == 4 * 2 * 2 * 16 * 4
+    assert [s["kv_cache_bytes_per_token_after"] for s in rep["stages"]] == [3 * 2 * 2 * 16 * 4, 3 * 2 * 1 * 16 * 4,
+                                                                           3 * 2 * 1 * 16 * 4]
+    assert rep["kv_cache_bytes_per_token_after"] == 3 * 2 * 1 * 16 * 4
+    assert "| KV cache bytes per token (float32) | 1,024 | 384 | -62.5% |" in (out / "README.md").read_text()
     model = AutoModelForCausalLM.from_pretrained(out)  # stock transformers
     assert model.config.num_attention_heads == 4 and model.config.head_dim == 16
     assert not list(tmp_path.glob(".out.gqaprune-tmp-*"))

@@ -68,6 +68,10 @@ def write_card(report: dict, recipe_text: str, path: Path) -> None:
         f"| parameters | {report['params_before']:,} | {report['params_after']:,} | "
         f"{100 * (report['params_after'] / report['params_before'] - 1):+.1f}% |",
     ]
+    if report.get("kv_cache_bytes_per_token_before"):
+        kb, ka = report["kv_cache_bytes_per_token_before"], report["kv_cache_bytes_per_token_after"]
+        lines.append(f"| KV cache bytes per token ({report.get('runtime', {}).get('save_dtype', '')}) | {kb:,} | {ka:,} | "
+                     f"{100 * (ka / kb - 1):+.1f}% |")
     if "perplexity" in before and "perplexity" in after:
         lines.append(f"| held-out perplexity | {before['perplexity']:.3f} | {after['perplexity']:.3f} | "
                      f"x{after['perplexity'] / before['perplexity']:.3f} |")

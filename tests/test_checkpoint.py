@@ -32,15 +32,6 @@ EXPECTED_SHAPES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add contention (seconds per generate on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --- a small by-hand slicer (the real surgery lives elsewhere) ---------------------------------
 
 

@@ -22,14 +22,6 @@ KEEP_Q = {0: [0, 1, 2], 1: [4, 5, 6]}  # score: truncate keeps the first query h
 DROPPED_Q = [3, 7]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _recipe(tmp_path, model_dir, stages, out="out", extra=""):
     return write_recipe(tmp_path, model_dir, stages, out=out, extra=extra)
 

@@ -14,6 +14,7 @@ split, seed 0) and same evaluation tokens for every row. No recovery.
     python -m benchmarks.quality            # all three models, one after another
     python -m benchmarks.quality --models builtin:tiny-llama   # one model; results/quality_<model>.json
     python -m benchmarks.quality --render   # rebuild results/quality.md from the per-model JSON files
+    python -m benchmarks.quality --resume   # measure only rows missing from the JSON files (new scores)
 
 Each model's results go to their own JSON file, so models can run in parallel processes; the
 table is rendered from every per-model file present.
@@ -50,17 +51,17 @@ HEAD_BUDGETS = {
     "Q25": {"unit": "query_head", "prune_ratio": 0.25},
     "Q50": {"unit": "query_head", "prune_ratio": 0.5},
 }
-HEAD_SCORES = ["taylor", "magnitude", "activation", "reconstruction", "random", "truncate"]
+HEAD_SCORES = ["taylor", "magnitude", "activation", "reconstruction", "ablation", "random", "truncate"]
 NEURON_BUDGETS = {"N25": 0.25, "N50": 0.5, "N75": 0.75}
 NEURON_SCORES = ["taylor", "magnitude", "activation", "frequency", "reconstruction", "random"]
-GLOBAL_SCORES = ["taylor", "magnitude", "activation", "reconstruction"]
+GLOBAL_SCORES = ["taylor", "magnitude", "activation", "reconstruction", "ablation"]
 LAYER_BUDGETS = {"L1": 1, "L2": 2}  # layers dropped of 4 (L2 may drop the last layer)
 
 
 class Bench:
-    def __init__(self, name: str):
+    def __init__(self, name: str, folder=None):
         self.name = name
-        self.folder = resolve_builtin(name)
+        self.folder = folder or resolve_builtin(name)
         self.tok = load_tokenizer(self.folder)
         self.calib = calibration_windows(self.tok, "builtin:pydoc", "train", 64, 128, seed=0)
         self.eval_tokens = token_stream(self.tok, "builtin:pydoc", "validation")
@@ -72,10 +73,11 @@ class Bench:
     def ppl(self, model) -> float:
         return perplexity(model, self.eval_tokens, 128, None, 16, progress=False)["perplexity"]
 
-    def heads(self, budget: dict, score: str, reconstruct: str, allocation="uniform", sequential=False) -> float:
+    def heads(self, budget: dict, score: str, reconstruct: str, allocation="uniform", sequential=False,
+              seed=0) -> float:
         model = self.fresh()
         stage = {"type": "head_prune", "score": score, "reconstruct": reconstruct, "allocation": allocation, **budget}
-        HeadPrune(HeadPruneStage(**stage)).apply(context(model, self.calib, stage, sequential=sequential))
+        HeadPrune(HeadPruneStage(**stage)).apply(context(model, self.calib, stage, sequential=sequential, seed=seed))
         return self.ppl(model)
 
     def neurons(self, ratio: float, score: str, reconstruct: str, sequential=False, allocation="uniform") -> float:
@@ -128,50 +130,61 @@ class Bench:
         return self.ppl(model)
 
 
-def run_model(name: str) -> dict:
+def run_model(name: str, previous: dict | None = None) -> dict:
+    """Every row for one model; with ``previous`` (--resume), rows already measured are kept, not re-run."""
     b = Bench(name)
-    r = {"dense": b.ppl(b.fresh()), "heads": {}, "neurons": {}, "tp": {}, "layers": {}, "oracle": {}}
+    prev = previous or {}
+    r = {"dense": prev.get("dense") or b.ppl(b.fresh()), "heads": {}, "neurons": {}, "tp": {}, "layers": {},
+         "oracle": {}}
+
+    def put(section: str, key: str, measure):
+        done = prev.get(section, {})
+        r[section][key] = done[key] if key in done else measure()
+
     print(name, "dense", r["dense"], flush=True)
     for bud, spec in HEAD_BUDGETS.items():
         for score in HEAD_SCORES:
             for rec in ("none", "least_squares"):
-                r["heads"][f"{bud}|{score}|{rec}|uniform|indep"] = b.heads(spec, score, rec)
+                put("heads", f"{bud}|{score}|{rec}|uniform|indep", lambda: b.heads(spec, score, rec))
         # with 2 KV groups and min_groups_per_layer 1, global group allocation has no choice: taylor only
         for score in GLOBAL_SCORES if spec["unit"] == "query_head" else ["taylor"]:
             for rec in ("none", "least_squares"):
-                r["heads"][f"{bud}|{score}|{rec}|global|indep"] = b.heads(spec, score, rec, "global")
+                put("heads", f"{bud}|{score}|{rec}|global|indep", lambda: b.heads(spec, score, rec, "global"))
         for rec in ("none", "least_squares"):
-            r["heads"][f"{bud}|taylor|{rec}|by_layer_importance|indep"] = b.heads(spec, "taylor", rec,
-                                                                                "by_layer_importance")
-        r["heads"][f"{bud}|taylor|least_squares|uniform|seq"] = b.heads(spec, "taylor", "least_squares",
-                                                                      sequential=True)
+            put("heads", f"{bud}|taylor|{rec}|by_layer_importance|indep",
+                lambda: b.heads(spec, "taylor", rec, "by_layer_importance"))
+        put("heads", f"{bud}|taylor|least_squares|uniform|seq",
+            lambda: b.heads(spec, "taylor", "least_squares", sequential=True))
         print(name, bud, {k: round(v, 2) for k, v in r["heads"].items() if k.startswith(bud)}, flush=True)
-    ppl, choice = b.best_group_choice()
-    r["oracle"]["G50"] = {"perplexity": ppl, "kept_group_per_layer": choice}
-    print(name, "G50 best choice", ppl, choice, flush=True)
+
+    def best():
+        ppl, choice = b.best_group_choice()
+        return {"perplexity": ppl, "kept_group_per_layer": choice}
+    put("oracle", "G50", best)
     for bud, ratio in NEURON_BUDGETS.items():
         for score in NEURON_SCORES:
             for rec in ("none", "least_squares"):
-                r["neurons"][f"{bud}|{score}|{rec}|uniform|indep"] = b.neurons(ratio, score, rec)
+                put("neurons", f"{bud}|{score}|{rec}|uniform|indep", lambda: b.neurons(ratio, score, rec))
         for score in ("taylor", "activation"):
             for rec in ("none", "least_squares"):
-                r["neurons"][f"{bud}|{score}|{rec}|global|indep"] = b.neurons(ratio, score, rec, allocation="global")
-        r["neurons"][f"{bud}|taylor|least_squares|uniform|seq"] = b.neurons(ratio, "taylor", "least_squares",
-                                                                          sequential=True)
+                put("neurons", f"{bud}|{score}|{rec}|global|indep",
+                    lambda: b.neurons(ratio, score, rec, allocation="global"))
+        put("neurons", f"{bud}|taylor|least_squares|uniform|seq",
+            lambda: b.neurons(ratio, "taylor", "least_squares", sequential=True))
         print(name, bud, {k: round(v, 2) for k, v in r["neurons"].items() if k.startswith(bud)}, flush=True)
     for bud, n in LAYER_BUDGETS.items():
         for score in ("block_influence", "angular_block"):
             for rec in ("none", "least_squares"):
-                ppl, dropped = b.layers(n, score, rec)
-                r["layers"][f"{bud}|{score}|{rec}"] = {"perplexity": ppl, "dropped": dropped}
-        r["layers"][f"{bud}|last layers|none"] = {"perplexity": b.drop_last(n), "dropped": f"last {n}"}
-        print(name, bud, r["layers"], flush=True)
+                def drop():
+                    ppl, dropped = b.layers(n, score, rec)
+                    return {"perplexity": ppl, "dropped": dropped}
+                put("layers", f"{bud}|{score}|{rec}", drop)
+        put("layers", f"{bud}|last layers|none", lambda: {"perplexity": b.drop_last(n), "dropped": f"last {n}"})
     for imp in ("magnitude", "taylor"):
         for bud, ratio in (("Q25", 0.25), ("Q50", 0.5)):
-            r["tp"][f"{bud}|{imp}"] = b.torch_pruning("heads", ratio, imp)
+            put("tp", f"{bud}|{imp}", lambda: b.torch_pruning("heads", ratio, imp))
         for bud, ratio in NEURON_BUDGETS.items():
-            r["tp"][f"{bud}|{imp}"] = b.torch_pruning("mlp", ratio, imp)
-    print(name, "tp", r["tp"], flush=True)
+            put("tp", f"{bud}|{imp}", lambda: b.torch_pruning("mlp", ratio, imp))
     return r
 
 
@@ -188,13 +201,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=list(BUILTIN_MODELS))
     ap.add_argument("--render", action="store_true", help="only rebuild the table from the JSON files")
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in the JSON files; measure the rest")
     args = ap.parse_args()
     if not args.render:
         torch.set_num_threads(1)  # tiny models: one thread is faster and immune to other load on the machine
         for name in args.models:
             t0 = time.perf_counter()
-            r = run_model(name)
-            r["seconds"] = time.perf_counter() - t0
+            previous = json.loads(_json_path(name).read_text()) if args.resume and _json_path(name).exists() else None
+            r = run_model(name, previous)
+            r["seconds"] = time.perf_counter() - t0 + (previous or {}).get("seconds", 0)
             _json_path(name).write_text(json.dumps(r, indent=2, sort_keys=True))
     render_all()
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ORDER = ["quality", "recovery", "speed", "scale"]
+ORDER = ["quality", "groups", "recovery", "speed", "scale"]
 
 
 def collect() -> None:

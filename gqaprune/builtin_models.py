@@ -365,8 +365,9 @@ def _lr_at(step: int, t: dict) -> float:
     return t["lr"] * (t["min_lr_ratio"] + (1 - t["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def train_model(name: str, tokenizer, train: dict | None = None, progress: bool = True):
-    """Train builtin ``name`` from scratch; returns ``(model, wall_seconds)``."""
+def train_model(name: str, tokenizer, train: dict | None = None, progress: bool = True, config=None):
+    """Train builtin ``name`` from scratch (or, for benchmarks, a model of ``config`` the same way);
+    returns ``(model, wall_seconds)``."""
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
@@ -374,7 +375,7 @@ def train_model(name: str, tokenizer, train: dict | None = None, progress: bool 
     from gqaprune.data import token_stream
 
     t = dict(train or TRAIN_SETTINGS)
-    cfg = build_config(name, tokenizer)
+    cfg = config if config is not None else build_config(name, tokenizer)
     torch.manual_seed(t["seed"])
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.train()

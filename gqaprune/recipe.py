@@ -70,7 +70,7 @@ class LayerDropStage(_Strict):
         return self
 
 
-HeadScore = Literal["taylor", "taylor2", "magnitude", "activation", "random", "truncate", "reconstruction"]
+HeadScore = Literal["taylor", "taylor2", "magnitude", "activation", "random", "truncate", "reconstruction", "ablation"]
 NeuronScore = Literal["taylor", "magnitude", "activation", "frequency", "random", "reconstruction"]
 Reconstruct = Literal["least_squares", "none"]
 

@@ -40,6 +40,7 @@ class Stats:
     head_norm: dict[str, torch.Tensor] = field(default_factory=dict)  # o path -> (heads,) sum over tokens of ||x_h||
     fire: dict[str, torch.Tensor] = field(default_factory=dict)  # input path -> (in,) count |x| > threshold
     gram: dict[str, torch.Tensor] = field(default_factory=dict)  # input path -> (in, in) float32
+    ablation: dict[str, torch.Tensor] = field(default_factory=dict)  # o path -> (units,) loss increase
     tokens: int = 0
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
@@ -218,3 +219,50 @@ def channel_magnitude_scores(model, adapter: Adapter, layer_idx: int) -> torch.T
             if p is not None:
                 s = s + get_module(layer, p).weight.detach().float().pow(2).sum(1)
     return s.sqrt()
+
+
+def calibration_loss(model: nn.Module, batches: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token loss over ``batches`` (N, T), no gradients."""
+    device = next(model.parameters()).device
+    total = 0.0
+    with torch.no_grad():
+        for b in range(0, batches.shape[0], batch_size):
+            ids = batches[b: b + batch_size].to(device)
+            total += float(model(input_ids=ids, labels=ids, use_cache=False).loss) * ids.shape[0]
+    return total / batches.shape[0]
+
+
+def ablation_scores(model: nn.Module, batches: torch.Tensor, inputs_of: dict[str, list[torch.Tensor]],
+                    batch_size: int = 8, progress: bool = True, desc: str = "ablation") -> dict[str, torch.Tensor]:
+    """Measured importance: the calibration loss increase when each unit is removed alone.
+
+    ``inputs_of`` maps a consuming projection's path (o_proj) to its units, each a tensor of that
+    projection's input columns (a query head's head_dim columns, or a group's). Zeroing a unit's
+    columns at the projection's input is exactly removing the unit (tests/test_surgery.py), so the
+    score is the loss the pruned model would have with that unit alone removed. One calibration pass
+    per unit, plus one for the base loss: exact, and as costly as that."""
+    model_was_training = model.training
+    model.eval()
+    base = calibration_loss(model, batches, batch_size)
+    total = sum(len(units) for units in inputs_of.values())
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    out: dict[str, torch.Tensor] = {}
+    try:
+        for path, units in inputs_of.items():
+            scores = torch.zeros(len(units))
+            for u, cols in enumerate(units):
+                def zero_unit(mod, args, cols=cols):
+                    x = args[0].clone()
+                    x[..., cols.to(x.device)] = 0
+                    return (x, *args[1:])
+                handle = model.get_submodule(path).register_forward_pre_hook(zero_unit)
+                try:
+                    scores[u] = calibration_loss(model, batches, batch_size) - base
+                finally:
+                    handle.remove()
+                bar.update(1)
+            out[path] = scores
+    finally:
+        bar.close()
+        model.train(model_was_training)
+    return out

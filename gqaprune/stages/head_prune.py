@@ -16,7 +16,8 @@ from gqaprune.adapters import decoder_layers, get_module, head_dim_of, layer_sha
 from gqaprune.context import RunContext
 from gqaprune.reconstruct import obs_block_costs, relative_error, repair, repair_paired
 from gqaprune.recipe import HeadPruneStage
-from gqaprune.scoring import collect_stats, head_magnitude_scores, head_taylor_scores, role_paths
+from gqaprune.scoring import (ablation_scores, collect_stats, head_magnitude_scores, head_taylor_scores,
+                              role_paths)
 from gqaprune.sequential import paired_grams
 from gqaprune.stages.amounts import heads_removed, protected, spread
 from gqaprune.stages.layer_drop import layer_distances
@@ -65,6 +66,11 @@ class HeadPrune:
             else:
                 q = obs_block_costs(w, gram, _head_blocks(nq, hd), c.reconstruct_damp)
                 kv = torch.zeros(nkv)
+        elif c.score == "ablation":  # measured loss increase of each unit removed alone
+            if c.unit == "group":
+                kv, q = stats.ablation[o_path], torch.zeros(nq)
+            else:
+                q, kv = stats.ablation[o_path], torch.zeros(nkv)
         elif c.score == "random":
             gen = ctx.generator(1000 + layer_idx)
             q, kv = torch.rand(nq, generator=gen), torch.rand(nkv, generator=gen)
@@ -134,6 +140,14 @@ class HeadPrune:
             input_paths=o_paths if (want_gram or c.score == "activation") else [], gram=want_gram,
             head_dim=hd, batch_size=ctx.batch_size, progress=ctx.progress, desc=f"head scores ({c.score})",
         )
+        if c.score == "ablation":
+            units = {}
+            for i in range(n_layers):
+                nq, nkv = shapes[i]["num_attention_heads"], shapes[i]["num_key_value_heads"]
+                size = nq // nkv * hd if c.unit == "group" else hd  # a group's o_proj columns, or a head's
+                units[o_paths[i]] = [torch.arange(u * size, (u + 1) * size) for u in range(nq * hd // size)]
+            stats.ablation = ablation_scores(model, ctx.calib, units, ctx.batch_size, ctx.progress,
+                                             desc=f"head scores (ablation, {sum(map(len, units.values()))} units)")
         scores = {i: self.layer_scores(ctx, stats, i) for i in range(n_layers)}
         dense = copy.deepcopy(model).eval() if sequential else None  # targets: the model before this stage
         removals = self.per_layer_removals(ctx, scores, prot, n_remove, n_layers)

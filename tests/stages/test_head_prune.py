@@ -107,3 +107,27 @@ def test_global_allocation_takes_the_cheapest_heads_of_the_whole_model(score):
     rep = HeadPrune(stage).apply(ctx)
     assert rep["removed_per_layer"] == [0, 3, 0]
     assert [s["num_attention_heads"] for s in model_shapes(model, ctx.adapter)] == [8, 2, 8]
+
+
+@pytest.mark.parametrize("unit", ["group", "query_head"])
+def test_ablation_score_is_the_loss_increase_of_removing_that_unit(unit):
+    # the score of each unit must equal the calibration loss of the model with exactly that unit removed
+    # by surgery, minus the loss of the unpruned model
+    from gqaprune.scoring import calibration_loss
+    from gqaprune.surgery import prune_heads
+
+    model = tiny_model("qwen2")  # q/k/v biases: removing a group must also remove its k/v biases
+    ctx = _ctx(model)
+    stage = HeadPruneStage(type="head_prune", unit=unit, prune_ratio=0.5, score="ablation", reconstruct="none")
+    rep = HeadPrune(stage).apply(ctx)
+    base = calibration_loss(tiny_model("qwen2"), ctx.calib, 8)
+    layer = 1
+    measured = rep["layers"][layer]["group_scores" if unit == "group" else "head_scores"]
+    for u in (0, 1):
+        ref = tiny_model("qwen2")
+        if unit == "group":  # remove KV head u with its 4 query heads, by surgery
+            prune_heads(ref, ctx.adapter, layer, {j: list(range(j * 4, j * 4 + 4)) for j in range(2) if j != u})
+        else:  # remove query head u alone: zero its o_proj columns (== removal, tests/test_surgery.py)
+            with torch.no_grad():
+                get_module(decoder_layers(ref, ctx.adapter)[layer], ctx.adapter.layer.o).weight[:, u * 16:(u + 1) * 16] = 0
+        assert measured[u] == pytest.approx(calibration_loss(ref, ctx.calib, 8) - base, abs=1e-5)

@@ -73,7 +73,7 @@ def main():
             runs = [b.heads(spec, "random", rec, seed=seed) for seed in RANDOM_SEEDS]
             r["rows"][f"{bud}|random ({len(runs)} seeds: mean, min-max)|{rec}|uniform"] = (
                 f"{sum(runs) / len(runs):.2f} ({min(runs):.2f}-{max(runs):.2f})")
-        print(bud, {k: round(v, 2) for k, v in r["rows"].items() if k.startswith(bud)}, flush=True)
+        print(bud, {k: v for k, v in r["rows"].items() if k.startswith(bud)}, flush=True)
     for imp in ("magnitude", "taylor"):
         r["rows"][f"Q50|Torch-Pruning {imp}|-|uniform"] = b.torch_pruning("heads", 0.5, imp)
     r["seconds"] = time.perf_counter() - t0

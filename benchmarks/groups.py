@@ -81,6 +81,10 @@ def main():
     write_result("groups", render(r))
 
 
+def render_saved() -> None:
+    write_result("groups", render(json.loads((RESULTS / "groups.json").read_text())))
+
+
 def render(r: dict) -> str:
     def ppl(v):
         return v if isinstance(v, str) else round(v, 2)
@@ -92,10 +96,17 @@ def render(r: dict) -> str:
            "G75 keeps 1; global and by_layer_importance keep at least 1 group in every layer. Torch-Pruning "
            "never removes KV heads: its row removes half the query heads of every group (2 of 4 KV-group "
            "worth of q/o parameters, none of k/v), fewer parameters than G50.", ""]
-    rows = []
-    for k, v in r["rows"].items():
+    order = SCORES + ["random", "Torch-Pruning"]
+
+    def key(k: str):  # budget, then score, none before least_squares, then allocation
         bud, score, rec, alloc = k.split("|")
-        rows.append([bud, score, rec, alloc, ppl(v)])
+        first = next((i for i, name in enumerate(order) if score.startswith(name)), len(order))
+        return bud, first, rec != "none", ["uniform", "global", "by_layer_importance"].index(alloc)
+
+    rows = []
+    for k in sorted(r["rows"], key=key):
+        bud, score, rec, alloc = k.split("|")
+        rows.append([bud, score, rec, alloc, ppl(r["rows"][k])])
     out += [table(["budget", "score", "reconstruct", "allocation", "perplexity"], rows), ""]
     return "\n".join(out)
 

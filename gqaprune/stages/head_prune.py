@@ -20,7 +20,7 @@ from gqaprune.scoring import (ablation_scores, collect_stats, head_magnitude_sco
                               role_paths)
 from gqaprune.sequential import paired_grams
 from gqaprune.stages.amounts import heads_removed, protected, spread
-from gqaprune.stages.layer_drop import layer_distances
+from gqaprune.stages.layer_drop import layer_distances, layer_input_sq_norms
 from gqaprune.surgery import prune_heads
 
 
@@ -95,10 +95,16 @@ class HeadPrune:
             return {i: (n_remove if i in cand else 0) for i in range(n_layers)}
         if c.allocation == "global":
             # each layer offers its removal steps in order of cost, and the cheapest steps of the whole
-            # model are taken. Costs are the raw scores, not normalized per layer: Taylor and reconstruction
-            # scores estimate the same quantity (loss change, residual-stream error) in every layer, and
-            # dividing by a layer's mean hides which layers matter (benchmarks/RESULTS.md: on tiny-llama Q25
-            # no repair, per-layer-mean normalization 295.34, raw 157.69, uniform 191.78).
+            # model are taken. Taylor and ablation scores are loss changes and magnitude weight norms: raw,
+            # not normalized per layer (dividing by a layer's mean hid which layers matter: tiny-llama Q25 no
+            # repair, per-layer mean 295.34, raw 157.69, uniform 191.78). Activation and reconstruction
+            # measure a unit's output in the residual stream, whose scale grows with depth: they are divided
+            # by the RMS norm of the layer's residual input (its square for reconstruction, a squared error),
+            # so early layers are not taken for cheap (16Q/4KV Llama G50: raw 372.45, divided 160.96).
+            if c.score in ("activation", "reconstruction"):
+                sq = layer_input_sq_norms(ctx.model, ctx.adapter, ctx.calib, ctx.batch_size)
+                power = 1.0 if c.score == "reconstruction" else 0.5
+                scores = {i: (q / float(sq[i]) ** power, grp / float(sq[i]) ** power) for i, (q, grp) in scores.items()}
             steps = []
             for i in cand:
                 q, grp = scores[i]

@@ -49,6 +49,19 @@ def layer_hidden_states(model, adapter, ids: torch.Tensor) -> list[torch.Tensor]
     return states
 
 
+def layer_input_sq_norms(model, adapter, calib: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(L,): mean over calibration tokens of ||h_i||^2, the squared norm of each layer's residual-stream input."""
+    n = len(decoder_layers(model, adapter))
+    sums = torch.zeros(n, dtype=torch.float64)
+    count = 0
+    device = next(model.parameters()).device
+    for b in range(0, calib.shape[0], batch_size):
+        hs = layer_hidden_states(model, adapter, calib[b: b + batch_size].to(device))[:n]
+        sums += torch.stack([h.double().pow(2).sum(-1).sum() for h in hs]).cpu()
+        count += hs[0].shape[0] * hs[0].shape[1]
+    return sums / count
+
+
 def layer_distances(model, adapter, calib: torch.Tensor, batch_size: int, progress: bool = True) -> torch.Tensor:
     """D[i, j] = mean over tokens of cos(h_i, h_j), for all 0 <= i < j <= L: (L+1, L+1)."""
     n = len(decoder_layers(model, adapter)) + 1

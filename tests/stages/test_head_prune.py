@@ -131,3 +131,18 @@ def test_ablation_score_is_the_loss_increase_of_removing_that_unit(unit):
             with torch.no_grad():
                 get_module(decoder_layers(ref, ctx.adapter)[layer], ctx.adapter.layer.o).weight[:, u * 16:(u + 1) * 16] = 0
         assert measured[u] == pytest.approx(calibration_loss(ref, ctx.calib, 8) - base, abs=1e-5)
+
+
+@pytest.mark.parametrize("score", ["activation", "reconstruction"])
+def test_global_activation_scores_are_measured_against_the_residual_stream(score):
+    # embeddings scaled down 1000x: layer 0's residual input is tiny, so its heads, whose outputs are
+    # as large as any layer's (the attention input is normalized), are the most important relative
+    # to the stream they write into; global allocation must take the query heads from layers 1 and 2
+    model = tiny_model("llama")
+    ctx = _ctx(model)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1e-3)
+    stage = HeadPruneStage(type="head_prune", unit="query_head", prune_ratio=0.25, score=score,
+                           reconstruct="none", allocation="global")
+    rep = HeadPrune(stage).apply(ctx)
+    assert rep["removed_per_layer"][0] == 0 and sum(rep["removed_per_layer"]) == 3

@@ -247,7 +247,7 @@ def render(results: dict) -> str:
         for k in sorted(keys, key=lambda k: _row_order(k, HEAD_SCORES)):
             _, score, rec, alloc, mode = k.split("|")
             rows.append([score, rec, alloc, "sequential" if mode == "seq" else "independent"]
-                        + [ppl(results[m]["heads"][k]) for m in models])
+                        + [ppl(results[m]["heads"].get(k, "n/a")) for m in models])
         tp_rows = {"Q25": "Q25", "Q50": "Q50", "G50": "Q50"}
         for imp in ("magnitude", "taylor"):
             tk = f"{tp_rows[bud]}|{imp}"
@@ -266,7 +266,7 @@ def render(results: dict) -> str:
         for k in sorted(keys, key=lambda k: _row_order(k, NEURON_SCORES)):
             _, score, rec, alloc, mode = k.split("|")
             rows.append([score, rec, alloc, "sequential" if mode == "seq" else "independent"]
-                        + [ppl(results[m]["neurons"][k]) for m in models])
+                        + [ppl(results[m]["neurons"].get(k, "n/a")) for m in models])
         for imp in ("magnitude", "taylor"):
             rows.append([f"Torch-Pruning {imp}", "-", "uniform", "-"]
                         + [ppl(results[m]["tp"].get(f"{bud}|{imp}", "n/a")) for m in models])

@@ -105,13 +105,7 @@ def repair_paired(w: torch.Tensor, c_dense: torch.Tensor, cross: torch.Tensor, c
     c_kept = X'_K^T X'_K (k, k). W' = W cross (c_kept + lambda I)^-1.
     """
     w64 = w.detach().double().cpu()
-    k = c_kept.shape[0]
-    lam = damp * float(torch.diagonal(c_kept).mean().clamp_min(1e-12))
-    a = c_kept + lam * torch.eye(k, dtype=c_kept.dtype)
-    rhs = (w64 @ cross).T  # (k, out)
-    chol, info = torch.linalg.cholesky_ex(a)
-    sol = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.pinv(a) @ rhs
-    new = sol.T  # (out, k)
+    new = _solve(c_kept, w64 @ cross, damp)[0]  # (out, k)
 
     def err(wk):
         num = (torch.einsum("oi,ij,oj->", w64, c_dense, w64) - 2 * torch.einsum("oi,ik,ok->", w64, cross, wk)
@@ -133,10 +127,7 @@ def repair_residual(w: torch.Tensor, c: torch.Tensor, cross: torch.Tensor, delta
     is reproduced), ||E X - D||^2 / ||D||^2 after.
     """
     w64, c, cross = w.detach().double().cpu(), c.detach().double().cpu(), cross.detach().double().cpu()
-    lam = damp * float(torch.diagonal(c).mean().clamp_min(1e-12))
-    a = c + lam * torch.eye(c.shape[0], dtype=c.dtype)
-    chol, info = torch.linalg.cholesky_ex(a)
-    e = (torch.cholesky_solve(cross, chol) if int(info) == 0 else torch.linalg.pinv(a) @ cross).T  # (out, in)
+    e = _solve(c, cross.T, damp)[0]  # (out, in): cross^T (C + lambda I)^-1
     resid = _quad(e, c) - 2 * (e * cross.T).sum() + delta_sq
     err = float(resid / max(delta_sq, 1e-300))
     if not err <= 1.0:  # rounding on a degenerate case: keep the layer as it was

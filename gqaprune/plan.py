@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gqaprune.adapters import Adapter, check_adapter_on_model, decoder_layers, head_dim_of, model_shapes
+from gqaprune.adapters import (Adapter, check_adapter_on_model, decoder_layers, head_dim_of, kv_cache_bytes_per_token,
+                               model_shapes)
 from gqaprune.errors import InputError
 from gqaprune.recipe import Recipe
 from gqaprune.stages.amounts import aligned_keep, heads_removed, protected
@@ -53,12 +54,11 @@ def meta_model(config):
 
 def _summary(name, model, adapter: Adapter, bytes_per_param: float, notes) -> StagePlan:
     shapes = model_shapes(model, adapter)
-    hd = head_dim_of(model.config, adapter)
     params = sum(p.numel() for p in model.parameters())
     embed = model.get_submodule(adapter.model.embed).weight.numel()
     # one multiply-add per weight per token in every matmul (embedding lookups are free)
     matmul = params - embed + (embed if _tied(model, adapter) else 0)
-    kv = sum(2 * s["num_key_value_heads"] * hd for s in shapes) * int(bytes_per_param if bytes_per_param >= 1 else 2)
+    kv = kv_cache_bytes_per_token(model, adapter, int(bytes_per_param if bytes_per_param >= 1 else 2))
     return StagePlan(name, len(shapes), shapes, params, 2 * matmul, int(params * bytes_per_param), kv, notes)
 
 

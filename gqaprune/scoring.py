@@ -68,6 +68,9 @@ def collect_stats(model: nn.Module, batches: torch.Tensor, *, taylor_paths: list
                   desc: str = "scoring", gram_dtype: torch.dtype = torch.float32) -> Stats:
     """One pass over ``batches`` (N, T) collecting what the scores need."""
     stats = Stats()
+    if not taylor_paths and not input_paths:  # nothing to watch (magnitude, random, ablation without repair)
+        stats.peak_rss_mb = _peak_rss_mb()
+        return stats
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     need_grad = bool(taylor_paths)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from gqaprune.adapters import resolve_adapter
+from gqaprune.arch.adapter import resolve_adapter
 from gqaprune.context import RunContext
 from gqaprune.recipe import Recipe
 

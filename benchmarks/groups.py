@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.common import table, write_result
 from benchmarks.quality import Bench
-from gqaprune.builtin_models import (TRAIN_SETTINGS, build_config, cache_dir, load_builtin_tokenizer, model_recipe,
+from gqaprune.builtin.tiny import (TRAIN_SETTINGS, build_config, cache_dir, load_builtin_tokenizer, model_recipe,
                                      recipe_key, train_model)
 
 SCORES = ["taylor", "magnitude", "activation", "reconstruction", "ablation", "truncate"]

@@ -31,18 +31,18 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import context, table, write_result
-from gqaprune.builtin_models import BUILTIN_MODELS, resolve_builtin
-from gqaprune.checkpoint import load_pretrained
-from gqaprune.data import calibration_windows, token_stream
+from gqaprune.builtin.tiny import BUILTIN_MODELS, resolve_builtin
+from gqaprune.io.checkpoint import load_pretrained
+from gqaprune.io.data import calibration_windows, token_stream
 from gqaprune.evaluation.perplexity import perplexity
 from gqaprune.recipe import HeadPruneStage, NeuronPruneStage
-from gqaprune.sources import load_tokenizer
-from gqaprune.adapters import decoder_layers, resolve_adapter
+from gqaprune.io.sources import load_tokenizer
+from gqaprune.arch.adapter import decoder_layers, resolve_adapter
 from gqaprune.recipe import LayerDropStage
 from gqaprune.stages.head_prune import HeadPrune
 from gqaprune.stages.layer_drop import LayerDrop
 from gqaprune.stages.neuron_prune import NeuronPrune
-from gqaprune.surgery import drop_layers, prune_heads
+from gqaprune.ops.surgery import drop_layers, prune_heads
 
 RESULTS = Path(__file__).parent / "results"
 

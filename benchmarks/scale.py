@@ -151,8 +151,8 @@ def _split_stage(phases: Phases, stage_name: str, module, legacy_gram: bool = Fa
 def run(args) -> dict:
     import gqaprune.stages.head_prune as hp_mod
     import gqaprune.stages.neuron_prune as np_mod
-    from gqaprune.adapters import resolve_adapter
-    from gqaprune.checkpoint import save_model
+    from gqaprune.arch.adapter import resolve_adapter
+    from gqaprune.io.checkpoint import save_model
     from gqaprune.evaluation.perplexity import perplexity
     from gqaprune.recipe import HeadPruneStage, NeuronPruneStage
     from gqaprune.stages.head_prune import HeadPrune

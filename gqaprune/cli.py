@@ -45,10 +45,10 @@ def main():
 
 
 def _checked(recipe_path: str, progress: bool = True):
-    from gqaprune.adapters import resolve_adapter
+    from gqaprune.arch.adapter import resolve_adapter
     from gqaprune.plan import simulate
     from gqaprune.recipe import load_recipe
-    from gqaprune.sources import read_config
+    from gqaprune.io.sources import read_config
 
     recipe, _ = load_recipe(recipe_path)
     config = read_config(recipe.model, recipe.trust_remote_code, progress)
@@ -168,7 +168,7 @@ def verify(output):
 @_errors
 def adapters():
     """The known architecture adapters."""
-    from gqaprune.adapters import builtin_adapters
+    from gqaprune.arch.adapter import builtin_adapters
 
     for name, a in builtin_adapters().items():
         click.echo(f"{name:<10} {', '.join(a.architectures):<24} {a.description}")
@@ -179,7 +179,7 @@ def adapters():
 def schema(adapter_schema):
     """JSON Schema of the recipe format (or of adapter files)."""
     if adapter_schema:
-        from gqaprune.adapters import Adapter
+        from gqaprune.arch.adapter import Adapter
 
         click.echo(json.dumps(Adapter.model_json_schema(), indent=2))
     else:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from gqaprune.adapters import Adapter
+from gqaprune.arch.adapter import Adapter
 from gqaprune.recipe import Recipe
 
 

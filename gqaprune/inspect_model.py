@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from gqaprune.adapters import head_dim_of, resolve_adapter
+from gqaprune.arch.adapter import head_dim_of, resolve_adapter
 from gqaprune.plan import llama_stock_head_counts, meta_model
-from gqaprune.sources import read_config
+from gqaprune.io.sources import read_config
 
 
 def inspect_model(spec: str, adapter_spec: str = "auto") -> dict:
@@ -49,7 +49,7 @@ def inspect_model(spec: str, adapter_spec: str = "auto") -> dict:
         info["head_counts_that_reload_stock"] = sorted(ok)
         info["keep_kv_heads_that_reload_stock"] = [j for j in range(1, n_kv) if j * g in ok]
         info["keep_q_per_kv_that_reload_stock"] = [j for j in range(1, g) if j * n_kv in ok]
-        from gqaprune.convert import save_as_mistral_problem
+        from gqaprune.arch.convert import save_as_mistral_problem
 
         problem = save_as_mistral_problem(config)
         if problem is None and not per_layer:

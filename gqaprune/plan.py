@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from gqaprune.adapters import (Adapter, check_adapter_on_model, decoder_layers, head_dim_of, kv_cache_bytes_per_token,
+from gqaprune.arch.adapter import (Adapter, check_adapter_on_model, decoder_layers, head_dim_of, kv_cache_bytes_per_token,
                                model_shapes)
 from gqaprune.errors import InputError
 from gqaprune.recipe import Recipe
 from gqaprune.stages.amounts import aligned_keep, heads_removed, protected
-from gqaprune.surgery import drop_layers, prune_channels, prune_heads
+from gqaprune.ops.surgery import drop_layers, prune_channels, prune_heads
 
 
 @dataclass
@@ -44,7 +44,7 @@ def _dtype_bytes(config) -> int:
 def meta_model(config):
     from transformers import AutoModelForCausalLM
 
-    from gqaprune.modeling_perlayer import apply_per_layer_shapes
+    from gqaprune.arch.modeling_perlayer import apply_per_layer_shapes
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -171,7 +171,7 @@ def check_save_as(recipe: Recipe, config, arch: str) -> bool:
     will convert the pruned model (a Llama with ``save_as: mistral``); raises InputError when it cannot."""
     if recipe.save_as == "auto":
         return False
-    from gqaprune.convert import save_as_mistral_problem
+    from gqaprune.arch.convert import save_as_mistral_problem
 
     problem = save_as_mistral_problem(config)
     if problem:

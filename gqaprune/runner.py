@@ -5,7 +5,7 @@ adapter, plan), then every input that is cheap to read (model folder, tokenizer,
 and evaluation tokens), and only then the weights. Bad input is an InputError (exit 2) raised
 before any folder is created.
 
-With ``save_as: mistral`` a Llama is converted to ``MistralForCausalLM`` (``gqaprune.convert``, checked on
+With ``save_as: mistral`` a Llama is converted to ``MistralForCausalLM`` (``gqaprune.arch.convert``, checked on
 logits) after the last pruning/recover stage and before saving (and before AWQ), so the round trip reloads
 the Mistral folder with stock from_pretrained and compares it with the converted in-memory model.
 
@@ -41,14 +41,14 @@ import numpy as np
 import torch
 
 from gqaprune import __version__
-from gqaprune.adapters import check_adapter_on_model, kv_cache_bytes_per_token, model_shapes, resolve_adapter
+from gqaprune.arch.adapter import check_adapter_on_model, kv_cache_bytes_per_token, model_shapes, resolve_adapter
 from gqaprune.context import RunContext
-from gqaprune.data import calibration_windows, token_stream
+from gqaprune.io.data import calibration_windows, token_stream
 from gqaprune.errors import CheckFailed, GateFailed, InputError
 from gqaprune.evaluation.perplexity import perplexity
 from gqaprune.plan import simulate
 from gqaprune.recipe import default_eval, load_recipe, recipe_sha256
-from gqaprune.sources import is_builtin, load_tokenizer, read_config, resolve_model
+from gqaprune.io.sources import is_builtin, load_tokenizer, read_config, resolve_model
 from gqaprune.stages import build_stage
 
 ROUNDTRIP_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}  # max |logit diff|
@@ -292,7 +292,7 @@ def run(recipe_path: str, output: str | None = None, force: bool = False, progre
     try:
         if recipe.runtime.threads:
             torch.set_num_threads(recipe.runtime.threads)
-        from gqaprune.checkpoint import _quiet_transformers  # no "sequence longer than model max" warnings
+        from gqaprune.io.checkpoint import _quiet_transformers  # no "sequence longer than model max" warnings
 
         with _quiet_transformers():
             inputs = prepare_inputs(recipe, config, eval_cfg, progress)  # bad input fails here, before any folder
@@ -372,7 +372,7 @@ def prepare_inputs(recipe, config, eval_cfg, progress: bool) -> dict:
 
 def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cfg, inputs: dict, out: Path, tmp: Path,
                progress, is_main, command, t_start) -> dict:
-    from gqaprune.checkpoint import load_pretrained, save_model
+    from gqaprune.io.checkpoint import load_pretrained, save_model
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -433,11 +433,11 @@ def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cf
     # -- save_as: mistral (opt-in): the same computation in a class stock from_pretrained reloads ----------
     save_adapter = adapter  # the roles of the saved model (report["model"]["adapter"] stays the source's)
     save_as = None
-    from gqaprune.checkpoint import stock_class
+    from gqaprune.io.checkpoint import stock_class
 
     if recipe.save_as == "mistral" and stock_class(model).__name__ == "LlamaForCausalLM":
-        from gqaprune.adapters import builtin_adapters
-        from gqaprune.convert import CONVERT_TOL, llama_to_mistral
+        from gqaprune.arch.adapter import builtin_adapters
+        from gqaprune.arch.convert import CONVERT_TOL, llama_to_mistral
 
         t = time.perf_counter()
         model.eval()
@@ -545,8 +545,8 @@ def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cf
 
 def _awq_output(model, adapter, tokenizer, awq_cfg, recipe, tmp: Path, probe, save_dtype, progress):
     """Save the pruned model, quantize it with AutoAWQ into tmp, verify from the bytes on disk."""
-    from gqaprune.checkpoint import save_model
-    from gqaprune.data import load_units
+    from gqaprune.io.checkpoint import save_model
+    from gqaprune.io.data import load_units
     from gqaprune.quant.awq import load_dequantized, quantize_folder, verify_awq_folder
 
     fp_dir = tmp.parent / f"{tmp.name}-fp"

@@ -93,7 +93,7 @@ def test_two_runs_give_identical_output_files_and_report_records_inputs(tmp_path
 
 def test_builtin_model_files_are_hashed_in_the_report(tmp_path, llama_dir, monkeypatch):
     """A builtin's cached folder is pinned like a local folder (a stand-in folder takes the cache slot)."""
-    from gqaprune import builtin_models as bm
+    from gqaprune.builtin import tiny as bm
     from gqaprune.runner import run, sha256_file
 
     monkeypatch.setenv("GQAPRUNE_CACHE", str(tmp_path / "cache"))
@@ -152,7 +152,7 @@ def test_sigterm_during_scoring_leaves_nothing_and_rerun_passes(tmp_path, llama_
 
 
 def test_sigint_during_save_leaves_nothing(tmp_path, llama_dir, monkeypatch):
-    import gqaprune.checkpoint as ckpt
+    import gqaprune.io.checkpoint as ckpt
     from gqaprune.runner import run
 
     real_save = ckpt.save_model
@@ -205,7 +205,7 @@ def test_sigterm_during_awq_removes_both_temporary_folders(tmp_path, monkeypatch
 def test_disk_full_while_saving_is_one_line_and_leaves_nothing(tmp_path, llama_dir, monkeypatch):
     import errno
 
-    import gqaprune.checkpoint as ckpt
+    import gqaprune.io.checkpoint as ckpt
 
     real_save = ckpt.save_model
 

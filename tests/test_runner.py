@@ -77,7 +77,7 @@ def test_run_writes_output_folder_and_reloads(tmp_path, llama_dir):
 
 
 def test_roundtrip_check_fails_on_corrupted_weights(tmp_path, llama_dir, monkeypatch):
-    import gqaprune.checkpoint as ckpt
+    import gqaprune.io.checkpoint as ckpt
     from gqaprune.runner import run
 
     real_save = ckpt.save_model

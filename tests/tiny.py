@@ -69,7 +69,7 @@ def tiny_inputs(vocab_size: int = 96, batch: int = 2, seq: int = 12, seed: int =
 
 def builtin_tokenizer():
     """The package's BPE tokenizer (trained on the pydoc train split in seconds, then cached)."""
-    from gqaprune.builtin_models import load_builtin_tokenizer
+    from gqaprune.builtin.tiny import load_builtin_tokenizer
 
     tok = load_builtin_tokenizer(progress=False)
     if tok.pad_token is None:

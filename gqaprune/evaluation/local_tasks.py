@@ -1,7 +1,7 @@
 """The lm-eval tasks shipped with gqaprune, built offline from ``builtin:pydoc``.
 
 Two tasks, both made deterministically from the *validation* split of
-``builtin:pydoc`` (see :mod:`gqaprune.data`), so that they never overlap the
+``builtin:pydoc`` (see :mod:`gqaprune.io.data`), so that they never overlap the
 text the builtin models (and calibration) use. pydoc repeats passages across
 topics, so validation paragraphs whose text also occurs in the train split are
 left out (:func:`heldout_units`), as are MC items whose true continuation
@@ -111,7 +111,7 @@ def _norm(text: str) -> str:
 
 def _source() -> tuple[list[str], list[str]]:
     """(validation units, train units) of the source."""
-    from gqaprune.data import load_units
+    from gqaprune.io.data import load_units
 
     return load_units(SOURCE, SPLIT), load_units(SOURCE, "train")
 

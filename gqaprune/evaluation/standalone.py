@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from gqaprune.recipe import EvalConfig, LmEvalConfig, default_eval, load_recipe
-from gqaprune.sources import load_tokenizer, resolve_model
+from gqaprune.io.sources import load_tokenizer, resolve_model
 
 
 def load_any(folder: Path):
@@ -16,7 +16,7 @@ def load_any(folder: Path):
         from gqaprune.quant.awq import load_dequantized
 
         return load_dequantized(folder), "awq"
-    from gqaprune.checkpoint import load_pretrained
+    from gqaprune.io.checkpoint import load_pretrained
 
     return load_pretrained(folder), "per_layer" if cfg.get("gqaprune_layers") else "uniform"
 

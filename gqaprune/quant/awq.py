@@ -560,7 +560,7 @@ def quantize_folder(
             if model_loader is not None:
                 model = model_loader(src)
             elif per_layer:
-                from gqaprune.checkpoint import load_pretrained
+                from gqaprune.io.checkpoint import load_pretrained
 
                 model = load_pretrained(src, dtype=calib_dtype)
             else:
@@ -699,8 +699,8 @@ def _load(folder: Path, dtype: torch.dtype, build_model: Callable[[Any], nn.Modu
         if cls is None:
             raise InputError(f"{folder / 'config.json'}: architecture {arch} is not a transformers model class")
         if cfg.get("gqaprune_layers"):
-            # per-layer-shaped (gqaprune.modeling_perlayer): the stock class with its layers rebuilt
-            from gqaprune.modeling_perlayer import per_layer_class
+            # per-layer-shaped (gqaprune.arch.modeling_perlayer): the stock class with its layers rebuilt
+            from gqaprune.arch.modeling_perlayer import per_layer_class
 
             cls = per_layer_class(cls)
         model = cls(config)

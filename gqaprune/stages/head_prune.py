@@ -12,16 +12,16 @@ import copy
 
 import torch
 
-from gqaprune.adapters import decoder_layers, get_module, head_dim_of, layer_shape
+from gqaprune.arch.adapter import decoder_layers, get_module, head_dim_of, layer_shape
 from gqaprune.context import RunContext
-from gqaprune.reconstruct import obs_block_costs, relative_error, repair, repair_paired
+from gqaprune.ops.reconstruct import obs_block_costs, relative_error, repair, repair_paired
 from gqaprune.recipe import HeadPruneStage
-from gqaprune.scoring import (ablation_scores, collect_stats, head_magnitude_scores, head_taylor_scores,
+from gqaprune.scoring.stats import (ablation_scores, collect_stats, head_magnitude_scores, head_taylor_scores,
                               role_paths)
-from gqaprune.sequential import paired_grams
+from gqaprune.ops.sequential import paired_grams
 from gqaprune.stages.amounts import heads_removed, protected, spread
-from gqaprune.stages.layer_drop import layer_distances, layer_input_sq_norms
-from gqaprune.surgery import prune_heads
+from gqaprune.scoring.hidden import layer_distances, layer_input_sq_norms
+from gqaprune.ops.surgery import prune_heads
 
 
 def _head_blocks(n: int, head_dim: int) -> list[torch.Tensor]:

@@ -13,14 +13,14 @@ import copy
 
 import torch
 
-from gqaprune.adapters import decoder_layers, get_module, head_dim_of, layer_shape
+from gqaprune.arch.adapter import decoder_layers, get_module, head_dim_of, layer_shape
 from gqaprune.context import RunContext
-from gqaprune.reconstruct import relative_error, repair, repair_paired
+from gqaprune.ops.reconstruct import relative_error, repair, repair_paired
 from gqaprune.recipe import NeuronPruneStage
-from gqaprune.scoring import channel_magnitude_scores, channel_taylor_scores, collect_stats, role_paths
-from gqaprune.sequential import paired_grams
+from gqaprune.scoring.stats import channel_magnitude_scores, channel_taylor_scores, collect_stats, role_paths
+from gqaprune.ops.sequential import paired_grams
 from gqaprune.stages.amounts import aligned_keep, protected
-from gqaprune.surgery import prune_channels
+from gqaprune.ops.surgery import prune_channels
 
 
 class NeuronPrune:

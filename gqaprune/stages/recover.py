@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from gqaprune.adapters import Adapter, decoder_layers, get_module
+from gqaprune.arch.adapter import Adapter, decoder_layers, get_module
 from gqaprune.context import RunContext
 from gqaprune.errors import CheckFailed, InputError
 from gqaprune.recipe import RecoverStage, default_eval
@@ -133,7 +133,7 @@ def merge_lora(peft_model) -> nn.Module:
 
 
 def training_stream(ctx: RunContext, cfg: RecoverStage) -> tuple[torch.Tensor, dict]:
-    from gqaprune.data import token_stream
+    from gqaprune.io.data import token_stream
 
     if cfg.data is not None:
         src = cfg.data

@@ -12,7 +12,7 @@ def build_tokenizer(vocab_size: int = 512, paragraphs: int = 400):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from gqaprune.data import load_units
+    from gqaprune.io.data import load_units
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gqaprune.data import load_units
+from gqaprune.io.data import load_units
 from gqaprune.errors import InputError
 from gqaprune.evaluation import local_tasks
 from gqaprune.evaluation.lm_eval_runner import LOCAL_TASKS, primary_metrics, run_lm_eval
@@ -249,18 +249,18 @@ def test_primary_metrics_picks_headline_numbers():
 
 def _have_builtin() -> bool:
     try:
-        from gqaprune.builtin_models import resolve_builtin  # noqa: F401
+        from gqaprune.builtin.tiny import resolve_builtin  # noqa: F401
     except ImportError:
         return False
     return True
 
 
 @pytest.mark.builtin
-@pytest.mark.skipif(not _have_builtin(), reason="gqaprune.builtin_models is not available")
+@pytest.mark.skipif(not _have_builtin(), reason="gqaprune.builtin.tiny is not available")
 def test_trained_builtin_model_beats_chance(no_network):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gqaprune.builtin_models import resolve_builtin
+    from gqaprune.builtin.tiny import resolve_builtin
 
     folder = resolve_builtin("builtin:tiny-llama", progress=False)
     model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()

@@ -510,9 +510,9 @@ def test_per_layer_shapes_quantize_with_model_hooks(tmp_path):
 def test_per_layer_folder_quantizes_and_verifies(tmp_path):
     """A per-layer-shaped gqaprune folder (config.gqaprune_layers + modeling_perlayer.py) goes through
     quantize_folder and verify_awq_folder without hooks."""
-    from gqaprune.adapters import resolve_adapter
-    from gqaprune.checkpoint import save_model
-    from gqaprune.surgery import prune_heads
+    from gqaprune.arch.adapter import resolve_adapter
+    from gqaprune.io.checkpoint import save_model
+    from gqaprune.ops.surgery import prune_heads
 
     model = _model("llama", heads=4, kv=2)
     adapter = resolve_adapter("auto", model.config.architectures)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gqaprune.adapters import decoder_layers, get_module, model_shapes, resolve_adapter
+from gqaprune.arch.adapter import decoder_layers, get_module, model_shapes, resolve_adapter
 from gqaprune.context import RunContext
 from gqaprune.errors import InputError
 from gqaprune.recipe import HeadPruneStage, Recipe
@@ -113,8 +113,8 @@ def test_global_allocation_takes_the_cheapest_heads_of_the_whole_model(score):
 def test_ablation_score_is_the_loss_increase_of_removing_that_unit(unit):
     # the score of each unit must equal the calibration loss of the model with exactly that unit removed
     # by surgery, minus the loss of the unpruned model
-    from gqaprune.scoring import calibration_loss
-    from gqaprune.surgery import prune_heads
+    from gqaprune.scoring.stats import calibration_loss
+    from gqaprune.ops.surgery import prune_heads
 
     model = tiny_model("qwen2")  # q/k/v biases: removing a group must also remove its k/v biases
     ctx = _ctx(model)

@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from gqaprune.adapters import resolve_adapter
+from gqaprune.arch.adapter import resolve_adapter
 from gqaprune.context import RunContext
 from gqaprune.recipe import LayerDropStage, Recipe
-from gqaprune.stages.layer_drop import LayerDrop, contiguous_runs, layer_hidden_states
+from gqaprune.scoring.hidden import layer_hidden_states
+from gqaprune.stages.layer_drop import LayerDrop, contiguous_runs
 from tiny import tiny_inputs, tiny_model
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gqaprune.adapters import decoder_layers, get_module, model_shapes, resolve_adapter
+from gqaprune.arch.adapter import decoder_layers, get_module, model_shapes, resolve_adapter
 from gqaprune.context import RunContext
 from gqaprune.recipe import NeuronPruneStage, Recipe
 from gqaprune.stages.neuron_prune import NeuronPrune

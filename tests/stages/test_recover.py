@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gqaprune.adapters import decoder_layers, model_shapes, resolve_adapter
+from gqaprune.arch.adapter import decoder_layers, model_shapes, resolve_adapter
 from gqaprune.context import RunContext
-from gqaprune.data import calibration_windows, token_stream
+from gqaprune.io.data import calibration_windows, token_stream
 from gqaprune.errors import InputError
 from gqaprune.recipe import HeadPruneStage, RecoverStage, parse_recipe
 from gqaprune.stages.head_prune import HeadPrune
 from gqaprune.stages.recover import Recover, apply_lora, lora_target_modules, merge_lora
-from gqaprune.surgery import prune_channels, prune_heads
+from gqaprune.ops.surgery import prune_channels, prune_heads
 from tiny import builtin_tokenizer, save_tiny, tiny_inputs, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -356,8 +356,8 @@ def test_iterative_recipe_validates():
 
 @pytest.mark.builtin
 def test_recover_on_the_builtin_tiny_llama(tok):
-    from gqaprune.builtin_models import resolve_builtin
-    from gqaprune.checkpoint import load_pretrained
+    from gqaprune.builtin.tiny import resolve_builtin
+    from gqaprune.io.checkpoint import load_pretrained
 
     model = load_pretrained(resolve_builtin("builtin:tiny-llama", progress=False))
     heldout = token_stream(tok, "builtin:pydoc", "validation")[:4096]

@@ -9,7 +9,7 @@ as asked, accumulates:
   for MLP channels): sum of squares, mean per-head norm, firing counts;
 - Gram matrices C = X^T X of those inputs (for least squares), in float32: each batch adds
   its X^T X in place (``addmm_``), so a pass holds one matrix per watched projection and no
-  per-batch copy. The solves widen one matrix at a time to float64 (gqaprune.reconstruct).
+  per-batch copy. The solves widen one matrix at a time to float64 (gqaprune.ops.reconstruct).
   (float64 accumulation of all 22 down_proj Grams of a TinyLlama-1.1B would hold 5.6 GB.)
 Scores of heads, groups and channels are then read off these sums.
 """
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gqaprune.adapters import Adapter, decoder_layers, get_module, head_dim_of, layer_shape
+from gqaprune.arch.adapter import Adapter, decoder_layers, get_module, head_dim_of, layer_shape
 
 
 @dataclass

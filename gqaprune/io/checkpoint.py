@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gqaprune import modeling_perlayer
-from gqaprune.adapters import Adapter, cfg_get, head_dim_of, model_shapes
+from gqaprune.arch import modeling_perlayer
+from gqaprune.arch.adapter import Adapter, cfg_get, head_dim_of, model_shapes
 from gqaprune.errors import CheckFailed, InputError
 
 SHAPE_KEYS = modeling_perlayer.SHAPE_KEYS

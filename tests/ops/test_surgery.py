@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from gqaprune.adapters import decoder_layers, get_module, model_shapes, resolve_adapter
-from gqaprune.surgery import drop_layers, prune_channels, prune_heads
+from gqaprune.arch.adapter import decoder_layers, get_module, model_shapes, resolve_adapter
+from gqaprune.ops.surgery import drop_layers, prune_channels, prune_heads
 from tiny import FAMILIES, tiny_inputs, tiny_model
 
 

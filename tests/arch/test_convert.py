@@ -9,7 +9,7 @@ import torch
 import transformers as tf
 from click.testing import CliRunner
 
-from gqaprune import convert
+from gqaprune.arch import convert
 from gqaprune.cli import main
 from gqaprune.errors import CheckFailed
 from tests.tiny import tiny_inputs, write_recipe
@@ -41,8 +41,8 @@ def _llama(seed=0, **overrides) -> tf.LlamaForCausalLM:
 
 
 def _prune_in_memory(model):
-    from gqaprune.adapters import builtin_adapters
-    from gqaprune.surgery import prune_heads
+    from gqaprune.arch.adapter import builtin_adapters
+    from gqaprune.ops.surgery import prune_heads
 
     for i in range(model.config.num_hidden_layers):
         prune_heads(model, builtin_adapters()["llama"], i, KEEP_Q)
@@ -128,8 +128,8 @@ def test_save_as_auto_keeps_per_layer_format(tmp_path, llama_dir):
 ])
 def test_rope_scaling_carried_over(tmp_path, rope):
     """(b) RoPE parameters reach the Mistral config (in memory and on disk): logits equal to 1e-5."""
-    from gqaprune.adapters import builtin_adapters
-    from gqaprune.checkpoint import load_pretrained, save_model
+    from gqaprune.arch.adapter import builtin_adapters
+    from gqaprune.io.checkpoint import load_pretrained, save_model
 
     llama = _prune_in_memory(_llama(rope_parameters=dict(rope)))
     ids = tiny_inputs(seq=40)
@@ -168,8 +168,8 @@ def test_tied_embeddings_stay_tied():
 
 
 def test_conversion_refuses_per_layer_shapes():
-    from gqaprune.adapters import builtin_adapters
-    from gqaprune.surgery import prune_heads
+    from gqaprune.arch.adapter import builtin_adapters
+    from gqaprune.ops.surgery import prune_heads
 
     llama = _llama()
     prune_heads(llama, builtin_adapters()["llama"], 0, KEEP_Q)  # layer 0: 6 heads, layer 1: 8

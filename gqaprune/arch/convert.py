@@ -110,8 +110,8 @@ def llama_to_mistral(model: nn.Module, input_ids: torch.Tensor | None = None,
     Mistral model is in eval mode, on the Llama's device and dtype, with its generation config."""
     from transformers import MistralForCausalLM
 
-    from gqaprune.adapters import builtin_adapters, head_dim_of, model_shapes
-    from gqaprune.checkpoint import _quiet_transformers, stock_class
+    from gqaprune.arch.adapter import builtin_adapters, head_dim_of, model_shapes
+    from gqaprune.io.checkpoint import _quiet_transformers, stock_class
 
     name = stock_class(model).__name__
     if name != "LlamaForCausalLM":

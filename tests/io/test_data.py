@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from gqaprune.data import calibration_windows, load_units
+from gqaprune.io.data import calibration_windows, load_units
 from gqaprune.errors import InputError
 
 

@@ -115,8 +115,8 @@ class Adapter(_Strict):
 
 def builtin_adapter_dir() -> Path:
     """adapters/ ships inside the wheel as gqaprune/adapters; a source checkout has it at the top."""
-    here = Path(__file__).resolve().parent
-    for cand in (here / "adapters", here.parent / "adapters"):
+    package = Path(__file__).resolve().parent.parent  # gqaprune/
+    for cand in (package / "adapters", package.parent / "adapters"):
         if cand.is_dir() and any(cand.glob("*.yaml")):
             return cand
     raise InputError("the builtin adapters folder is missing from this installation")

@@ -15,7 +15,7 @@ def is_builtin(spec: str) -> bool:
 def resolve_model(spec: str, progress: bool = True) -> Path:
     """The local folder of ``spec`` (a builtin is trained and cached on first use)."""
     if is_builtin(spec):
-        from gqaprune.builtin_models import resolve_builtin
+        from gqaprune.builtin.tiny import resolve_builtin
 
         return resolve_builtin(spec, progress=progress)
     path = Path(spec).expanduser()
@@ -34,7 +34,7 @@ def read_config(spec: str, trust_remote_code: bool = False, progress: bool = Tru
     from transformers import AutoConfig
 
     if is_builtin(spec):
-        from gqaprune import builtin_models as bm
+        from gqaprune.builtin import tiny as bm
 
         folder = bm.builtin_folder(spec) if spec in bm.BUILTIN_MODELS else None
         if folder is None or not (folder / "config.json").exists():

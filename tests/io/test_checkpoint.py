@@ -11,8 +11,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gqaprune import checkpoint, modeling_perlayer
-from gqaprune.adapters import builtin_adapters, get_module, head_dim_of, model_shapes, set_module
+from gqaprune.arch import modeling_perlayer
+from gqaprune.io import checkpoint
+from gqaprune.arch.adapter import builtin_adapters, get_module, head_dim_of, model_shapes, set_module
 from gqaprune.errors import CheckFailed, InputError
 from tests.tiny import FAMILIES, tiny_inputs, tiny_model
 

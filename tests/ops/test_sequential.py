@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
-import gqaprune.sequential as seq
-from gqaprune.adapters import resolve_adapter
+import gqaprune.ops.sequential as seq
+from gqaprune.arch.adapter import resolve_adapter
 from gqaprune.context import RunContext
 from gqaprune.recipe import HeadPruneStage, NeuronPruneStage, Recipe
 from gqaprune.stages.head_prune import HeadPrune

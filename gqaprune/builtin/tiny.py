@@ -18,7 +18,7 @@ Writes are atomic (build in a temp folder inside the cache, ``os.replace`` into
 place) and guarded by an ``fcntl.flock`` lock file, so two processes never
 train the same model at once and nobody sees a half-written folder.
 
-``python -m gqaprune.builtin_models warm`` trains (or finds) all three and
+``python -m gqaprune.builtin.tiny warm`` trains (or finds) all three and
 prints their training seconds and perplexities.
 """
 
@@ -141,7 +141,7 @@ _corpus_sha_memo: dict[str, str] = {}
 
 def _corpus_sha(split: str = "train") -> str:
     if split not in _corpus_sha_memo:
-        from gqaprune.data import load_text
+        from gqaprune.io.data import load_text
 
         _corpus_sha_memo[split] = hashlib.sha256(load_text(CORPUS_SOURCE, split).encode()).hexdigest()
     return _corpus_sha_memo[split]
@@ -247,7 +247,7 @@ def train_tokenizer(settings: dict | None = None):
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from gqaprune.data import load_units
+    from gqaprune.io.data import load_units
 
     s = dict(settings or TOKENIZER_SETTINGS)
     if s.get("normalizer") != "NFC" or s.get("pre_tokenizer") != "qwen2_split_regex+byte_level":
@@ -304,7 +304,7 @@ def load_builtin_tokenizer(progress: bool = True):
 
 def unigram_perplexity(tokenizer, source: str = CORPUS_SOURCE) -> float:
     """Perplexity on ``source``'s validation tokens of a unigram model fitted (add-one) on its train tokens."""
-    from gqaprune.data import token_stream
+    from gqaprune.io.data import token_stream
 
     train = token_stream(tokenizer, source, "train").tolist()
     val = token_stream(tokenizer, source, "validation").tolist()
@@ -320,7 +320,7 @@ def heldout_perplexity(model, tokenizer, source: str = CORPUS_SOURCE, split: str
     """Perplexity over non-overlapping ``seq_len`` windows of the split's token stream (tail included)."""
     import torch
 
-    from gqaprune.data import token_stream
+    from gqaprune.io.data import token_stream
 
     stream = token_stream(tokenizer, source, split)
     windows = [stream[i : i + seq_len] for i in range(0, stream.numel() - 1, seq_len)]
@@ -372,7 +372,7 @@ def train_model(name: str, tokenizer, train: dict | None = None, progress: bool 
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
-    from gqaprune.data import token_stream
+    from gqaprune.io.data import token_stream
 
     t = dict(train or TRAIN_SETTINGS)
     cfg = config if config is not None else build_config(name, tokenizer)
@@ -462,7 +462,7 @@ def builtin_info(name: str, progress: bool = True) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] != ["warm"] or len(argv) > 2:
-        print("usage: python -m gqaprune.builtin_models warm [NAME]", file=sys.stderr)
+        print("usage: python -m gqaprune.builtin.tiny warm [NAME]", file=sys.stderr)
         return 2
     names = BUILTIN_MODELS if len(argv) == 1 else (argv[1],)
     try:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gqaprune.adapters import Adapter, decoder_layers, get_module, head_dim_of, layer_shape, set_module
-from gqaprune.modeling_perlayer import sync_layer_attributes
+from gqaprune.arch.adapter import Adapter, decoder_layers, get_module, head_dim_of, layer_shape, set_module
+from gqaprune.arch.modeling_perlayer import sync_layer_attributes
 
 
 def slice_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from gqaprune.adapters import check_adapter_on_model, load_adapter_file, model_shapes, resolve_adapter
+from gqaprune.arch.adapter import check_adapter_on_model, load_adapter_file, model_shapes, resolve_adapter
 from gqaprune.errors import InputError
 from tiny import FAMILIES, tiny_model
 
@@ -20,7 +20,7 @@ def test_adapter_resolves_on_family(family):
 def test_user_adapter_file_is_used(tmp_path):
     from pathlib import Path
 
-    text = (Path(__file__).parent.parent / "adapters" / "llama.yaml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "adapters" / "llama.yaml").read_text()
     user = tmp_path / "my_llama.yaml"
     user.write_text(text.replace("name: llama", "name: my-llama"))
     adapter = resolve_adapter(str(user), ["LlamaForCausalLM"])
@@ -31,7 +31,7 @@ def test_user_adapter_file_is_used(tmp_path):
 def test_adapter_with_wrong_path_names_the_role(tmp_path):
     from pathlib import Path
 
-    text = (Path(__file__).parent.parent / "adapters" / "llama.yaml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "adapters" / "llama.yaml").read_text()
     user = tmp_path / "bad.yaml"
     user.write_text(text.replace("q: self_attn.q_proj", "q: self_attn.query"))
     adapter = resolve_adapter(str(user), None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from gqaprune.adapters import decoder_layers
+from gqaprune.arch.adapter import decoder_layers
 
 
 class _StopForward(Exception):

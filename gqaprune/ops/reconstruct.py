@@ -7,7 +7,7 @@ reproduces the original output W X from X_K is
     W_new = W C[:, K] (C[K, K] + lambda I)^-1,   lambda = damp * mean(diag C[K, K])
 
 (GPTQ-style damping). Errors are relative output errors ||W X - W' X_K||^2 / ||W X||^2,
-computed from C without the activations. C may come in float32 (gqaprune.scoring accumulates
+computed from C without the activations. C may come in float32 (gqaprune.scoring.stats accumulates
 it so); every function here widens it to float64 first, one matrix at a time.
 """
 

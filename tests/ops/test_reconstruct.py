@@ -2,7 +2,7 @@
 
 import torch
 
-from gqaprune.reconstruct import relative_error, repair, repair_residual
+from gqaprune.ops.reconstruct import relative_error, repair, repair_residual
 
 
 def test_exact_linear_combination_is_restored_exactly():

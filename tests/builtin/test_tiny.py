@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from gqaprune import builtin_models as bm
+from gqaprune.builtin import tiny as bm
 from gqaprune.errors import InputError
 
 EXPECTED_ARCH = {
@@ -96,7 +96,7 @@ def test_tokenizer_is_identical_in_every_architecture_folder(tmp_path, monkeypat
     pipeline); the shared tokenizer must come out the same in all three kinds of folder."""
     from transformers import AutoTokenizer
 
-    from gqaprune.data import load_text
+    from gqaprune.io.data import load_text
 
     monkeypatch.setenv("GQAPRUNE_CACHE", str(tmp_path / "cache"))
     base = AutoTokenizer.from_pretrained(str(bm.resolve_tokenizer(progress=False)))

@@ -149,7 +149,7 @@ def eval_cmd(model, recipe, tasks, as_json):
 def verify(output):
     """Recompute the output's file hashes and compare them with report.json."""
     from gqaprune.errors import CheckFailed, InputError
-    from gqaprune.runner import hash_folder
+    from gqaprune.report.provenance import hash_folder
 
     folder = Path(output)
     rep = folder / "report.json"

@@ -55,7 +55,7 @@ def _error_lines(output: str) -> list[str]:
 
 
 def test_two_runs_give_identical_output_files_and_report_records_inputs(tmp_path, llama_dir):
-    from gqaprune.runner import UNHASHED_OUTPUT_FILES, hash_folder, sha256_file
+    from gqaprune.report.provenance import UNHASHED_OUTPUT_FILES, hash_folder, sha256_file
 
     recipe = _recipe(tmp_path, llama_dir)
     threads = torch.get_num_threads()
@@ -94,7 +94,8 @@ def test_two_runs_give_identical_output_files_and_report_records_inputs(tmp_path
 def test_builtin_model_files_are_hashed_in_the_report(tmp_path, llama_dir, monkeypatch):
     """A builtin's cached folder is pinned like a local folder (a stand-in folder takes the cache slot)."""
     from gqaprune.builtin import tiny as bm
-    from gqaprune.runner import run, sha256_file
+    from gqaprune.report.provenance import sha256_file
+    from gqaprune.runner import run
 
     monkeypatch.setenv("GQAPRUNE_CACHE", str(tmp_path / "cache"))
     cached = bm.builtin_folder("builtin:tiny-llama")

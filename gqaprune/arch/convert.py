@@ -182,3 +182,25 @@ def llama_to_mistral(model: nn.Module, input_ids: torch.Tensor | None = None,
         raise CheckFailed(f"save_as: mistral: the converted MistralForCausalLM differs from the Llama by "
                           f"max |logit diff| {diff:.3g} (tolerance {limit:g}); nothing was written")
     return mistral, diff
+
+
+def convert_for_save(model: nn.Module, adapter, save_as: str, probe: torch.Tensor, dtype: torch.dtype):
+    """The runner's ``save_as`` step, after the last pruning/recover stage and before saving (and before AWQ):
+    with ``save_as: mistral`` a Llama becomes a ``MistralForCausalLM`` (checked on the ``probe`` logits), so the
+    round trip reloads the Mistral folder with stock from_pretrained and compares it with the converted model.
+
+    Returns ``(model, adapter of the model to save, report["save_as"] entry or None when nothing was converted)``;
+    the report's ``model.adapter`` stays the source's."""
+    from gqaprune.arch.adapter import builtin_adapters
+    from gqaprune.io.checkpoint import stock_class
+    from gqaprune.runtime import log
+
+    if save_as != "mistral" or stock_class(model).__name__ != "LlamaForCausalLM":
+        return model, adapter, None
+    model.eval()
+    converted_from = stock_class(model).__name__
+    model, conv_diff = llama_to_mistral(model, input_ids=probe)
+    entry = {"architecture": stock_class(model).__name__, "converted_from": converted_from,
+             "max_abs_logit_diff": conv_diff, "tolerance": CONVERT_TOL.get(dtype, 1e-5)}
+    log(f"save_as: mistral: converted to {entry['architecture']}, max |logit diff| {conv_diff:.3g}")
+    return model, builtin_adapters()["mistral"], entry

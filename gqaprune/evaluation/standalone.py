@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gqaprune.evaluation.checks import evaluate, perplexity_tokens
 from gqaprune.recipe import EvalConfig, LmEvalConfig, default_eval, load_recipe
 from gqaprune.io.sources import load_tokenizer, resolve_model
 
@@ -22,8 +23,6 @@ def load_any(folder: Path):
 
 
 def evaluate_folder(model_spec: str, recipe_path: str | None = None, tasks: str | None = None) -> dict:
-    from gqaprune.runner import evaluate, perplexity_tokens
-
     folder = resolve_model(model_spec)
     if recipe_path:
         recipe, _ = load_recipe(recipe_path)

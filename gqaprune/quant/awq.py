@@ -289,7 +289,7 @@ def awq_width_problems(architecture: str, hidden_size: int, per_layer: list[dict
     Layers with different shapes are NOT a problem for AutoAWQ itself: it works layer by
     layer from the module shapes (verified: a Llama whose layers have 2 and 4 query heads,
     1 and 2 KV heads, MLP widths 256 and 128 quantizes and verifies; tests/quant/test_awq.py).
-    The runner still refuses per-layer shapes before an awq stage (plan and ``_awq_output``): an AWQ
+    The runner still refuses per-layer shapes before an awq stage (plan and ``gqaprune.stages.awq.awq_output``): an AWQ
     folder is reloaded by AutoAWQ and transformers from the global config alone, which cannot
     describe them, so such an output would quantize but not reload.
     """

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from gqaprune.arch.adapter import Adapter
-from gqaprune.recipe import Recipe
+
+if TYPE_CHECKING:  # the recipe imports the stages, which import this module
+    from gqaprune.recipe import Recipe
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """`plan`: shapes, parameters, FLOPs and weight bytes after each stage, with no weights and no scoring.
 
-The stages' own surgery runs on a meta-device copy of the model (no memory, no data), with
+Each stage's own `plan` (gqaprune.stages) checks it against the per-layer shapes and gives the
+shapes after it; the surgery then runs on a meta-device copy of the model (no memory, no data) with
 placeholder choices (the last unprotected layers, the first heads and channels): shapes and
 counts are exact for uniform allocation; global and by_layer_importance allocations decide
 per-layer shapes from scores at run time, so plan shows their uniform equivalent. Every
@@ -13,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from gqaprune.arch.adapter import (Adapter, check_adapter_on_model, decoder_layers, head_dim_of, kv_cache_bytes_per_token,
-                               model_shapes)
+from gqaprune.arch.adapter import Adapter, check_adapter_on_model, kv_cache_bytes_per_token, model_shapes
 from gqaprune.errors import InputError
-from gqaprune.recipe import Recipe
-from gqaprune.stages.amounts import aligned_keep, heads_removed, protected
 from gqaprune.ops.surgery import drop_layers, prune_channels, prune_heads
+from gqaprune.recipe import Recipe
+from gqaprune.stages import build_stage
+from gqaprune.stages.base import PlanInput
 
 
 @dataclass
@@ -75,77 +76,18 @@ def simulate(recipe: Recipe, config, adapter: Adapter) -> list[StagePlan]:
     arch = (config.architectures or [type(model).__name__])[0]
     convert = check_save_as(recipe, config, arch)
     saved_arch = "MistralForCausalLM" if convert else arch
-    for si, st in enumerate(recipe.stages):
-        where = f"stages[{si}] {st.type}"
-        notes: list[str] = []
-        layers = decoder_layers(model, adapter)
-        n_layers = len(layers)
+    built = [build_stage(st) for st in recipe.stages]
+    for si, stage in enumerate(built):
+        where = f"stages[{si}] {stage.name}"
         shapes = model_shapes(model, adapter)
-        if st.type == "layer_drop":
-            n = st.num_layers if st.num_layers is not None else max(1, round(st.fraction * n_layers))
-            cand = list(range(st.protect_first, n_layers - st.protect_last))
-            if n >= n_layers:
-                raise InputError(f"{where}: dropping {n} of {n_layers} layers would remove every layer")
-            if n > len(cand):
-                raise InputError(f"{where}: dropping {n} layers, but only {len(cand)} of {n_layers} are outside "
-                                 f"protect_first={st.protect_first} / protect_last={st.protect_last}")
-            drop_layers(model, adapter, cand[-n:])
-            notes.append("which layers drop is decided by the scores at run time")
-        elif st.type == "head_prune":
-            uniq = {(s["num_attention_heads"], s["num_key_value_heads"]) for s in shapes}
-            if len(uniq) != 1:
-                raise InputError(f"{where}: layers have different head counts {sorted(uniq)}; prune a model with "
-                                 "uniform attention shapes (per-layer head pruning of a per-layer model is not supported)")
-            n_q, n_kv = uniq.pop()
-            try:
-                r = heads_removed(st, n_q, n_kv, where)
-                prot = protected(st.protect_layers, n_layers, where)
-            except InputError as e:
-                raise InputError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
-            g = n_q // n_kv
-            for i in range(n_layers):
-                if i in prot:
-                    continue
-                if st.unit == "group":
-                    keep = {j: list(range(j * g, (j + 1) * g)) for j in range(n_kv - r)}
-                else:
-                    keep = {j: list(range(j * g, j * g + g - r)) for j in range(n_kv)}
-                prune_heads(model, adapter, i, keep)
-            if st.allocation != "uniform":
-                notes.append(f"allocation {st.allocation}: per-layer head counts are chosen at run time; "
-                             "shown here as the uniform equivalent")
-        elif st.type == "neuron_prune":
-            try:
-                prot = protected(st.protect_layers, n_layers, where)
-                for i in range(n_layers):
-                    if i in prot:
-                        continue
-                    kept, want = aligned_keep(shapes[i]["intermediate_size"], st, where)
-                    if kept != want:
-                        notes.append(f"layer {i}: keeps {kept} channels instead of {want} to align to {st.align}")
-                    prune_channels(model, adapter, i, list(range(kept)))
-            except InputError as e:
-                raise InputError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
-            if st.allocation != "uniform":
-                notes.append("allocation global: per-layer widths are chosen at run time; shown as uniform")
-        elif st.type == "awq":
-            from gqaprune.quant.awq import awq_width_problems
-
-            per_layer = [f"stages[{j}] {s.type}" for j, s in enumerate(recipe.stages[:si])
-                         if getattr(s, "allocation", "uniform") != "uniform" or getattr(s, "protect_layers", [])]
-            if per_layer:
-                raise InputError(f"{where}: the awq stage quantizes a model with one shape in every layer; "
-                                 f"{', '.join(per_layer)} give per-layer shapes (use allocation: uniform and no "
-                                 "protect_layers before awq)")
-
-            problems = awq_width_problems(saved_arch, getattr(config, adapter.config.hidden_size), shapes,
-                                          head_dim_of(config, adapter), st.group_size)
-            if problems:
-                raise InputError(f"{where}: AutoAWQ cannot quantize what the earlier stages leave: "
-                                 + "; ".join(problems))
-            bpp = 0.5 + 4.0 / st.group_size  # int4 weights plus fp16 scale and packed zero per group
-            notes.append("weights 4-bit (embeddings and norms stay in 16-bit; shown as a uniform estimate)")
-        plans.append(_summary(f"{si}:{st.type}", model, adapter, bpp, notes))
+        inp = PlanInput(where, config=config, adapter=adapter, earlier=built[:si], saved_arch=saved_arch)
+        try:
+            planned = stage.plan(shapes, inp)
+        except InputError as e:
+            raise InputError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+        reshape_placeholder(model, adapter, shapes, planned.shapes)
+        bpp = planned.counts.get("bytes_per_param", bpp)
+        plans.append(_summary(f"{si}:{stage.name}", model, adapter, bpp, planned.notes))
     final = model_shapes(model, adapter)
     heads = {s["num_attention_heads"] for s in final}
     if convert:
@@ -154,7 +96,7 @@ def simulate(recipe: Recipe, config, adapter: Adapter) -> list[StagePlan]:
     elif arch == "LlamaForCausalLM" and len(heads) == 1:
         h = heads.pop()
         if getattr(config, "hidden_size") % h:
-            if any(st.type == "awq" for st in recipe.stages):
+            if any(stage.writes_output for stage in built):
                 raise InputError(f"{h} query heads do not divide hidden_size {config.hidden_size}, which LlamaConfig "
                                  "requires, so the pruned Llama can only be saved per-layer, which the awq stage "
                                  "does not take; add save_as: mistral to the recipe (or keep a head count that "
@@ -164,6 +106,23 @@ def simulate(recipe: Recipe, config, adapter: Adapter) -> list[StagePlan]:
                 "is saved with per-layer shapes (reload with gqaprune.load_pretrained or trust_remote_code=True; "
                 "save_as: mistral saves a folder stock from_pretrained reloads)")
     return plans
+
+
+def reshape_placeholder(model, adapter: Adapter, before: list[dict], after: list[dict]) -> None:
+    """Give the meta-device model the planned shapes with placeholder choices: the planned layers stay, and
+    each layer keeps its first groups, its first query heads per group and its first channels."""
+    kept_layers = [s["source_layer"] for s in after]
+    dropped = [i for i in range(len(before)) if i not in kept_layers]
+    if dropped:
+        drop_layers(model, adapter, dropped)
+    for i, s in enumerate(after):
+        b = before[s["source_layer"]]
+        if (s["num_attention_heads"], s["num_key_value_heads"]) != (b["num_attention_heads"], b["num_key_value_heads"]):
+            g = b["num_attention_heads"] // b["num_key_value_heads"]  # query heads per group before
+            g_after = s["num_attention_heads"] // s["num_key_value_heads"]
+            prune_heads(model, adapter, i, {j: list(range(j * g, j * g + g_after)) for j in range(s["num_key_value_heads"])})
+        if s["intermediate_size"] != b["intermediate_size"]:
+            prune_channels(model, adapter, i, list(range(s["intermediate_size"])))
 
 
 def check_save_as(recipe: Recipe, config, arch: str) -> bool:
@@ -181,8 +140,7 @@ def check_save_as(recipe: Recipe, config, arch: str) -> bool:
     if getattr(config, "gqaprune_layers", None):
         raise InputError("save_as: mistral needs one shape in every layer, but the source model is per-layer-shaped "
                          "(config.gqaprune_layers); use save_as: auto")
-    per_layer = [f"stages[{j}] {s.type}" for j, s in enumerate(recipe.stages)
-                 if getattr(s, "allocation", "uniform") != "uniform" or getattr(s, "protect_layers", [])]
+    per_layer = [f"stages[{j}] {s.type}" for j, s in enumerate(recipe.stages) if build_stage(s).gives_per_layer_shapes()]
     if per_layer:
         raise InputError(f"save_as: mistral needs one shape in every layer; {', '.join(per_layer)} give per-layer "
                          "shapes (use allocation: uniform and no protect_layers, or save_as: auto)")

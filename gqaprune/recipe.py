@@ -12,35 +12,26 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from gqaprune.errors import InputError
+from gqaprune.schema import Strict, TextSource
+from gqaprune.stages import STAGES
 
 RECIPE_VERSION = 1
-STAGE_TYPES = ("layer_drop", "head_prune", "neuron_prune", "recover", "awq")
+STAGE_TYPES = tuple(STAGES)  # stage type names, in the order error messages list them
+
+# each stage's config lives in its own module; re-exported here (tests and scripts import them from the recipe)
+LayerDropStage, HeadPruneStage, NeuronPruneStage = (STAGES[t].Config for t in ("layer_drop", "head_prune", "neuron_prune"))
+RecoverStage, AwqStage = STAGES["recover"].Config, STAGES["awq"].Config
+StageConfig = Annotated[Union[tuple(s.Config for s in STAGES.values())], Field(discriminator="type")]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-def _one_of(obj, names: list[str], stage: str) -> None:
-    given = [n for n in names if getattr(obj, n) is not None]
-    if len(given) != 1:
-        raise ValueError(f"{stage} needs exactly one of {', '.join(names)} (got {', '.join(given) or 'none'})")
-
-
-class Runtime(_Strict):
+class Runtime(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present, else CPU
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the source model's dtype
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
-
-
-class TextSource(_Strict):
-    source: str = "builtin:pydoc"  # builtin:pydoc | file.txt | file.jsonl | saved dataset folder
-    split: Literal["train", "validation", "all"] = "train"
-    field: str = "text"  # jsonl / dataset field holding the text
 
 
 class Calibration(TextSource):
@@ -52,109 +43,6 @@ class Calibration(TextSource):
     )
 
 
-class LayerDropStage(_Strict):
-    type: Literal["layer_drop"]
-    num_layers: int | None = Field(None, ge=1)
-    fraction: float | None = Field(None, gt=0, lt=1)
-    score: Literal["block_influence", "angular_block"] = "block_influence"
-    protect_first: int = Field(1, ge=0)
-    protect_last: int = Field(1, ge=0)
-    reconstruct: Literal["least_squares", "none"] = Field(
-        "least_squares", description="least_squares: refit the MLP output projection of the kept layer before each "
-        "dropped run so that it also writes what the run added to the residual stream; none: drop only")
-    reconstruct_damp: float = Field(0.01, gt=0, description="lambda as a fraction of the mean diagonal of X^T X")
-
-    @model_validator(mode="after")
-    def _amount(self):
-        _one_of(self, ["num_layers", "fraction"], "layer_drop")
-        return self
-
-
-HeadScore = Literal["taylor", "taylor2", "magnitude", "activation", "random", "truncate", "reconstruction", "ablation"]
-NeuronScore = Literal["taylor", "magnitude", "activation", "frequency", "random", "reconstruction"]
-Reconstruct = Literal["least_squares", "none"]
-
-
-class HeadPruneStage(_Strict):
-    type: Literal["head_prune"]
-    unit: Literal["group", "query_head"] = "group"
-    prune_ratio: float | None = Field(None, gt=0, lt=1)
-    keep_kv_heads: int | None = Field(None, ge=1)
-    keep_q_per_kv: int | None = Field(None, ge=1)
-    round: Literal["exact", "nearest"] = "exact"  # exact: a ratio that cannot be met is an error
-    score: HeadScore = "taylor"
-    taylor_mix: float | None = Field(None, ge=0, description="taylor2 + taylor_mix * taylor")
-    reconstruct: Reconstruct = "least_squares"
-    reconstruct_damp: float = Field(0.01, gt=0, description="lambda as a fraction of the mean diagonal of C[K,K]")
-    allocation: Literal["uniform", "global", "by_layer_importance"] = "uniform"
-    min_groups_per_layer: int = Field(1, ge=1)
-    protect_layers: list[int] = []
-
-    @model_validator(mode="after")
-    def _amount(self):
-        _one_of(self, ["prune_ratio", "keep_kv_heads", "keep_q_per_kv"], "head_prune")
-        if self.unit == "group" and self.keep_q_per_kv is not None:
-            raise ValueError("keep_q_per_kv goes with unit: query_head (unit: group takes prune_ratio or keep_kv_heads)")
-        if self.unit == "query_head" and self.keep_kv_heads is not None:
-            raise ValueError("keep_kv_heads goes with unit: group (unit: query_head takes prune_ratio or keep_q_per_kv)")
-        if self.taylor_mix is not None and self.score != "taylor2":
-            raise ValueError("taylor_mix goes with score: taylor2")
-        return self
-
-
-class NeuronPruneStage(_Strict):
-    type: Literal["neuron_prune"]
-    prune_ratio: float | None = Field(None, gt=0, lt=1)
-    keep: int | None = Field(None, ge=1)
-    score: NeuronScore = "taylor"
-    align: int = Field(64, ge=1, description="kept width is a multiple of this")
-    reconstruct: Reconstruct = "least_squares"
-    reconstruct_damp: float = Field(0.01, gt=0)
-    allocation: Literal["uniform", "global"] = "uniform"
-    protect_layers: list[int] = []
-    frequency_threshold: float = Field(1e-3, ge=0, description="|activation| above this counts as firing (score: frequency)")
-
-    @model_validator(mode="after")
-    def _amount(self):
-        _one_of(self, ["prune_ratio", "keep"], "neuron_prune")
-        return self
-
-
-class RecoverStage(_Strict):
-    type: Literal["recover"]
-    method: Literal["lora", "full", "distill"] = "lora"
-    data: TextSource | None = None  # default: the calibration source's train split
-    steps: int = Field(50, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    batch_size: int = Field(8, ge=1)
-    seq_len: int = Field(128, ge=8)
-    grad_accum: int = Field(1, ge=1)
-    weight_decay: float = Field(0.0, ge=0)
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: float = Field(16, gt=0)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    target_roles: list[Literal["q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"]] = [
-        "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"]
-    alpha: float = Field(1.0, ge=0, le=1, description="distill: weight of the KL term; 1 - alpha weighs the LM loss")
-    temperature: float = Field(1.0, gt=0)
-    log_every: int = Field(10, ge=1)
-
-
-class AwqStage(_Strict):
-    type: Literal["awq"]
-    w_bit: Literal[4] = 4
-    group_size: int = Field(128, ge=32)
-    zero_point: bool = True
-    samples: int = Field(64, ge=1)
-    seq_len: int = Field(256, ge=16)
-
-
-Stage = Annotated[
-    Union[LayerDropStage, HeadPruneStage, NeuronPruneStage, RecoverStage, AwqStage], Field(discriminator="type")
-]
-
-
 class PerplexityEval(TextSource):
     split: Literal["train", "validation", "all"] = "validation"
     seq_len: int = Field(128, ge=8, description="window length")
@@ -163,7 +51,7 @@ class PerplexityEval(TextSource):
     max_tokens: int | None = Field(None, ge=16, description="evaluate at most this many tokens")
 
 
-class LmEvalConfig(_Strict):
+class LmEvalConfig(Strict):
     tasks: list[str] | None = None  # None: the package's shipped offline tasks; [] runs none
     include_path: str | None = None
     limit: float | None = Field(None, gt=0)
@@ -171,19 +59,19 @@ class LmEvalConfig(_Strict):
     num_fewshot: int | None = Field(None, ge=0)
 
 
-class Gates(_Strict):
+class Gates(Strict):
     max_ppl_ratio: float | None = Field(None, gt=0)
     min: dict[str, float] = {}  # {"task/metric": value}: the after-value must be at least this
     max_drop: dict[str, float] = {}  # {"task/metric": value}: before - after must be at most this
 
 
-class EvalConfig(_Strict):
+class EvalConfig(Strict):
     perplexity: PerplexityEval | None = PerplexityEval()
     lm_eval: LmEvalConfig = LmEvalConfig()
     gates: Gates = Gates()
 
 
-class Recipe(_Strict):
+class Recipe(Strict):
     version: Literal[1] = RECIPE_VERSION
     name: str = "recipe"
     model: str
@@ -192,7 +80,7 @@ class Recipe(_Strict):
     seed: int = 0
     runtime: Runtime = Runtime()
     calibration: Calibration = Calibration()
-    stages: list[Stage] = Field(min_length=1)
+    stages: list[StageConfig] = Field(min_length=1)
     eval: EvalConfig | None = None
     output: str | None = None
     save_as: Literal["auto", "mistral"] = Field(
@@ -213,9 +101,9 @@ class Recipe(_Strict):
 def check_stage_order(stages: list) -> None:
     """Cross-stage rules that need no model. Model-dependent ones live in gqaprune.plan."""
     for i, st in enumerate(stages):
-        if st.type == "awq" and i != len(stages) - 1:
+        if STAGES[st.type].writes_output and i != len(stages) - 1:  # awq: it quantizes the saved model
             after = ", ".join(s.type for s in stages[i + 1:])
-            raise ValueError(f"stages[{i}] awq must be the last stage (found after it: {after})")
+            raise ValueError(f"stages[{i}] {st.type} must be the last stage (found after it: {after})")
 
 
 def default_eval(recipe: Recipe) -> EvalConfig:

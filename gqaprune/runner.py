@@ -180,14 +180,15 @@ def _run_stages(ctx: RunContext, eval_cfg, kv_bytes: int) -> tuple[list[dict], o
     stage_reports = []
     awq_cfg = None
     for si, st in enumerate(ctx.recipe.stages):
-        if st.type == "awq":
+        stage = build_stage(st)
+        if stage.writes_output:  # awq: quantizes the saved model when the output is written
             awq_cfg = st
             continue
         t = time.perf_counter()
         p_before = count_params(ctx.model)
         log(f"stage {si}: {st.type}")
         entry = {"type": st.type, "index": si}
-        entry.update(build_stage(st).apply(ctx))
+        entry.update(stage.apply(ctx))
         check_finite(ctx.model, ctx.calib[:2], f"stage {si} ({st.type})")
         entry["params_before"], entry["params_after"] = p_before, count_params(ctx.model)
         entry["kv_cache_bytes_per_token_after"] = kv_cache_bytes_per_token(ctx.model, ctx.adapter, kv_bytes)

@@ -78,24 +78,6 @@ def _quad(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return ((a @ c) * a).sum()
 
 
-def obs_block_costs(w: torch.Tensor, c: torch.Tensor, blocks: list[torch.Tensor], damp: float = 0.01) -> torch.Tensor:
-    """OBS-style error of removing each block of inputs alone (others repaired by least squares).
-
-    With H = C + lambda I and P = H^-1, removing block B and re-solving the rest raises the
-    output error by tr(W_B' (P_BB)^-1 W_B'^T) where W' is the least-squares optimum of the full set
-    (here W itself, since all inputs are kept). Lower cost = safer to remove.
-    """
-    w, c = w.detach().double().cpu(), c.double()
-    lam = damp * float(torch.diagonal(c).mean().clamp_min(1e-12))
-    p = torch.linalg.pinv(c + lam * torch.eye(c.shape[0], dtype=c.dtype))
-    costs = []
-    for b in blocks:
-        wb = w[:, b]  # (out, |B|)
-        pbb_inv = torch.linalg.pinv(p[b][:, b])
-        costs.append(torch.einsum("oi,ij,oj->", wb, pbb_inv, wb))
-    return torch.stack(costs).float()
-
-
 def repair_paired(w: torch.Tensor, c_dense: torch.Tensor, cross: torch.Tensor, c_kept: torch.Tensor,
                   damp: float = 0.01) -> tuple[torch.Tensor, dict]:
     """Sequential repair: the kept weight W' minimizing ||W X - W' X'_K||^2.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gqaprune.stages import STAGES
+
 
 def _fmt(v, nd=3):
     if isinstance(v, float):
@@ -13,24 +15,7 @@ def _fmt(v, nd=3):
 
 def _stage_line(s: dict) -> str:
     t = s["type"]
-    if t == "layer_drop":
-        what = f"dropped layers {s['dropped_layers']} by {s['score']}"
-        fixed = [r for r in s.get("repairs", []) if r.get("repaired_layer") is not None]
-        if fixed:
-            what += "; least-squares repair: " + ", ".join(
-                f"layer {r['repaired_layer']} writes {1 - r['rel_error_lsq']:.0%} of what layers {r['dropped']} added"
-                for r in fixed)
-    elif t == "head_prune":
-        what = (f"{s['unit']} pruning by {s['score']} ({s['allocation']}, reconstruct {s['reconstruct']}); "
-                f"heads per layer after: {[l['heads_after'] for l in s['layers']]}, "
-                f"KV heads: {[l['kv_heads_after'] for l in s['layers']]}")
-    elif t == "neuron_prune":
-        what = (f"MLP channels by {s['score']} ({s['allocation']}, reconstruct {s['reconstruct']}, align {s['align']}); "
-                f"widths after: {[l['width_after'] for l in s['layers']]}")
-    elif t == "recover":
-        what = f"recovery fine-tuning ({s.get('method')}, {s.get('steps')} steps)"
-    else:
-        what = t
+    what = STAGES[t].card_what(s)
     ppl = s.get("perplexity_after")
     return (f"| {s['index']} | {t} | {what} | {s['params_before']:,} -> {s['params_after']:,} | "
             f"{_fmt(ppl) if ppl is not None else '-'} | {s['seconds']:.1f} |")

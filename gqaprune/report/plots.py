@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gqaprune.stages import STAGES
+
 
 def write_plots(report: dict, folder: Path) -> list[str]:
     import matplotlib
@@ -21,35 +23,9 @@ def write_plots(report: dict, folder: Path) -> list[str]:
         written.append(name)
 
     for s in report["stages"]:
-        if s["type"] == "layer_drop":
-            scores = [x if x is not None else float("nan") for x in s["layer_scores"]]
-            fig, ax = plt.subplots(figsize=(6, 3))
-            colors = ["tab:red" if i in s["dropped_layers"] else "tab:blue" for i in range(len(scores))]
-            ax.bar(range(len(scores)), scores, color=colors)
-            ax.set_xlabel("layer (before this stage)")
-            ax.set_ylabel(s["score"])
-            ax.set_title(f"stage {s['index']}: layer scores (red = dropped)")
-            save(fig, f"stage{s['index']}_layer_scores.png")
-        elif s["type"] == "head_prune":
-            import numpy as np
-
-            key = "group_scores" if s["unit"] == "group" else "head_scores"
-            rows = [l[key] for l in s["layers"]]
-            width = max(len(r) for r in rows)
-            mat = np.full((len(rows), width), np.nan)
-            for i, r in enumerate(rows):
-                mat[i, : len(r)] = r
-            fig, ax = plt.subplots(figsize=(6, 0.6 * len(rows) + 1.5))
-            im = ax.imshow(mat, aspect="auto", cmap="viridis")
-            removed_key = "removed_kv_heads" if s["unit"] == "group" else "removed_q_heads"
-            for i, l in enumerate(s["layers"]):
-                for j in l[removed_key]:
-                    ax.text(j, i, "x", ha="center", va="center", color="red", fontsize=12, fontweight="bold")
-            ax.set_xlabel("KV group" if s["unit"] == "group" else "query head")
-            ax.set_ylabel("layer")
-            ax.set_title(f"stage {s['index']}: {s['score']} importance (x = removed)")
-            fig.colorbar(im, ax=ax)
-            save(fig, f"stage{s['index']}_head_importance.png")
+        figure = STAGES[s["type"]].plot(s, plt)  # (figure, file name) or None
+        if figure is not None:
+            save(*figure)
 
     plan = report.get("plan") or []
     if plan:

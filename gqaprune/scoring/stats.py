@@ -11,7 +11,9 @@ as asked, accumulates:
   its X^T X in place (``addmm_``), so a pass holds one matrix per watched projection and no
   per-batch copy. The solves widen one matrix at a time to float64 (gqaprune.ops.reconstruct).
   (float64 accumulation of all 22 down_proj Grams of a TinyLlama-1.1B would hold 5.6 GB.)
-Scores of heads, groups and channels are then read off these sums.
+Scores of heads, groups and channels are read off these sums by gqaprune.scoring.scores.
+`collect_stats` is `attach_hooks` + `run_batches` over the whole model; `collect_layer_stats` gathers the
+forward-only statistics of one decoder layer from its cached inputs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gqaprune.arch.adapter import Adapter, decoder_layers, get_module, head_dim_of, layer_shape
+from gqaprune.arch.adapter import Adapter
 
 
 @dataclass
@@ -62,22 +64,14 @@ def role_paths(adapter: Adapter, layer_idx: int, roles: list[str]) -> dict[str, 
     return out
 
 
-def collect_stats(model: nn.Module, batches: torch.Tensor, *, taylor_paths: list[str] = (), taylor2: bool = False,
-                  input_paths: list[str] = (), gram: bool = False, fire_threshold: float | None = None,
-                  head_dim: int | None = None, batch_size: int = 8, progress: bool = True,
-                  desc: str = "scoring", gram_dtype: torch.dtype = torch.float32) -> Stats:
-    """One pass over ``batches`` (N, T) collecting what the scores need."""
-    stats = Stats()
-    if not taylor_paths and not input_paths:  # nothing to watch (magnitude, random, ablation without repair)
-        stats.peak_rss_mb = _peak_rss_mb()
-        return stats
-    t0 = time.perf_counter()
-    device = next(model.parameters()).device
-    need_grad = bool(taylor_paths)
+def attach_hooks(root: nn.Module, stats: Stats, *, taylor_paths: list[str] = (), taylor2: bool = False,
+                 input_paths: list[str] = (), head_norm_paths: list[str] = (), head_dim: int | None = None,
+                 gram: bool = False, fire_threshold: float | None = None,
+                 gram_dtype: torch.dtype = torch.float32) -> list:
+    """Hooks on the modules under ``root`` (paths relative to it) that add into ``stats``; returns the handles.
+
+    Taylor terms need a backward pass through ``root``; the input statistics need only forward passes."""
     handles = []
-    saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
 
     def grad_hook_for(path: str, is_bias: bool):
         def hook(p: torch.Tensor):
@@ -95,7 +89,7 @@ def collect_stats(model: nn.Module, batches: torch.Tensor, *, taylor_paths: list
         return hook
 
     for path in taylor_paths:
-        lin = model.get_submodule(path)
+        lin = root.get_submodule(path)
         out_f, in_f = lin.weight.shape
         for store in (stats.taylor, stats.taylor2) if taylor2 else (stats.taylor,):
             store[path] = LinearSums(torch.zeros(out_f), torch.zeros(in_f))
@@ -105,11 +99,14 @@ def collect_stats(model: nn.Module, batches: torch.Tensor, *, taylor_paths: list
             lin.bias.requires_grad_(True)
             handles.append(lin.bias.register_post_accumulate_grad_hook(grad_hook_for(path, True)))
 
+    head_paths = set(head_norm_paths)
+    assert not head_paths or head_dim is not None, "per-head norms need head_dim"
+
     def input_hook_for(path: str):
         def hook(mod, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
             stats.sq[path] = stats.sq.get(path, 0) + x.pow(2).sum(0)
-            if head_dim is not None and path in head_paths:
+            if path in head_paths:
                 per_head = x.reshape(x.shape[0], -1, head_dim).norm(dim=-1)  # (tokens, heads)
                 stats.head_norm[path] = stats.head_norm.get(path, 0) + per_head.sum(0)
             if fire_threshold is not None:
@@ -122,20 +119,44 @@ def collect_stats(model: nn.Module, batches: torch.Tensor, *, taylor_paths: list
                 g.addmm_(xg.T, xg)
         return hook
 
-    head_paths = {p for p in input_paths if p.endswith(("o_proj", "dense"))} if head_dim else set()
     for path in input_paths:
-        handles.append(model.get_submodule(path).register_forward_pre_hook(input_hook_for(path)))
+        handles.append(root.get_submodule(path).register_forward_pre_hook(input_hook_for(path)))
+    return handles
 
+
+def run_batches(model: nn.Module, batches: torch.Tensor, stats: Stats, need_grad: bool, batch_size: int,
+                progress: bool, desc: str) -> None:
+    """The calibration windows (N, T) through the model (and the LM loss backward when ``need_grad``)."""
+    device = next(model.parameters()).device
+    for b in tqdm(range(0, batches.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
+        ids = batches[b: b + batch_size].to(device)  # (B, T)
+        with torch.set_grad_enabled(need_grad):
+            out = model(input_ids=ids, labels=ids if need_grad else None, use_cache=False)
+            if need_grad:
+                out.loss.backward()
+        stats.tokens += ids.numel()
+
+
+def collect_stats(model: nn.Module, batches: torch.Tensor, *, taylor_paths: list[str] = (), taylor2: bool = False,
+                  input_paths: list[str] = (), head_norm_paths: list[str] = (), head_dim: int | None = None,
+                  gram: bool = False, fire_threshold: float | None = None, batch_size: int = 8,
+                  progress: bool = True, desc: str = "scoring", gram_dtype: torch.dtype = torch.float32) -> Stats:
+    """One pass over ``batches`` (N, T) collecting what the scores need (paths relative to ``model``)."""
+    stats = Stats()
+    if not taylor_paths and not input_paths:  # nothing to watch (magnitude, random, ablation without repair)
+        stats.peak_rss_mb = _peak_rss_mb()
+        return stats
+    t0 = time.perf_counter()
+    saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handles = attach_hooks(model, stats, taylor_paths=taylor_paths, taylor2=taylor2, input_paths=input_paths,
+                           head_norm_paths=head_norm_paths, head_dim=head_dim, gram=gram,
+                           fire_threshold=fire_threshold, gram_dtype=gram_dtype)
     was_training = model.training
     model.eval()
     try:
-        for b in tqdm(range(0, batches.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
-            ids = batches[b: b + batch_size].to(device)  # (B, T)
-            with torch.set_grad_enabled(need_grad):
-                out = model(input_ids=ids, labels=ids if need_grad else None, use_cache=False)
-                if need_grad:
-                    out.loss.backward()
-            stats.tokens += ids.numel()
+        run_batches(model, batches, stats, bool(taylor_paths), batch_size, progress, desc)
     finally:
         for h in handles:
             h.remove()
@@ -148,80 +169,28 @@ def collect_stats(model: nn.Module, batches: torch.Tensor, *, taylor_paths: list
     return stats
 
 
-# --- reading scores off the sums ---------------------------------------------------------------
-
-
-def _blocks(v: torch.Tensor, n: int, offset: int = 0, size: int = 1) -> torch.Tensor:
-    """Sum ``v[offset : offset + n*size]`` in blocks of ``size`` -> (n,)."""
-    return v[offset: offset + n * size].reshape(n, size).sum(1)
-
-
-def head_taylor_scores(sums: dict[str, LinearSums], model, adapter: Adapter, layer_idx: int):
-    """Per layer: (q (n_q,), kv (n_kv,)) Taylor sums over each head's parameters."""
-    layer = decoder_layers(model, adapter)[layer_idx]
-    hd = head_dim_of(model.config, adapter)
-    shape = layer_shape(layer, adapter, hd)
-    nq, nkv = shape["num_attention_heads"], shape["num_key_value_heads"]
-    paths = role_paths(adapter, layer_idx, ["q", "k", "v", "qkv", "o"])
-    o = sums[paths["o"]].cols
-    q_score = _blocks(o, nq, 0, hd)
-    if "qkv" in paths:
-        rows = sums[paths["qkv"]].rows
-        q_score = q_score + _blocks(rows, nq, 0, hd)
-        kv_score = _blocks(rows, nkv, nq * hd, hd) + _blocks(rows, nkv, (nq + nkv) * hd, hd)
-    else:
-        q_score = q_score + _blocks(sums[paths["q"]].rows, nq, 0, hd)
-        kv_score = _blocks(sums[paths["k"]].rows, nkv, 0, hd) + _blocks(sums[paths["v"]].rows, nkv, 0, hd)
-    return q_score, kv_score
-
-
-def head_magnitude_scores(model, adapter: Adapter, layer_idx: int):
-    """L2 norm of each head's weights (q rows + o columns; k/v rows per KV head)."""
-    layer = decoder_layers(model, adapter)[layer_idx]
-    r = adapter.layer
-    hd = head_dim_of(model.config, adapter)
-    shape = layer_shape(layer, adapter, hd)
-    nq, nkv = shape["num_attention_heads"], shape["num_key_value_heads"]
-    o2 = get_module(layer, r.o).weight.detach().float().pow(2).sum(0)
-    if r.fused_qkv:
-        rows2 = get_module(layer, r.qkv).weight.detach().float().pow(2).sum(1)
-        q2 = _blocks(rows2, nq, 0, hd)
-        kv2 = _blocks(rows2, nkv, nq * hd, hd) + _blocks(rows2, nkv, (nq + nkv) * hd, hd)
-    else:
-        q2 = _blocks(get_module(layer, r.q).weight.detach().float().pow(2).sum(1), nq, 0, hd)
-        kv2 = (_blocks(get_module(layer, r.k).weight.detach().float().pow(2).sum(1), nkv, 0, hd)
-               + _blocks(get_module(layer, r.v).weight.detach().float().pow(2).sum(1), nkv, 0, hd))
-    return (q2 + _blocks(o2, nq, 0, hd)).sqrt(), kv2.sqrt()
-
-
-def channel_taylor_scores(sums: dict[str, LinearSums], adapter: Adapter, layer_idx: int, width: int) -> torch.Tensor:
-    paths = role_paths(adapter, layer_idx, ["gate", "up", "gate_up", "down"])
-    s = sums[paths["down"]].cols.clone()
-    if "gate_up" in paths:
-        rows = sums[paths["gate_up"]].rows
-        s += rows[:width] + rows[width: 2 * width]
-    else:
-        for role in ("gate", "up"):
-            if role in paths:
-                s += sums[paths[role]].rows
-    return s
-
-
-def channel_magnitude_scores(model, adapter: Adapter, layer_idx: int) -> torch.Tensor:
-    layer = decoder_layers(model, adapter)[layer_idx]
-    r = adapter.layer
-    down = get_module(layer, r.down).weight.detach().float()
-    width = down.shape[1]
-    s = down.pow(2).sum(0)
-    if r.fused_gate_up:
-        rows = get_module(layer, r.gate_up).weight.detach().float().pow(2).sum(1)
-        s = s + rows[:width] + rows[width:]
-    else:
-        for role in ("gate", "up"):
-            p = getattr(r, role)
-            if p is not None:
-                s = s + get_module(layer, p).weight.detach().float().pow(2).sum(1)
-    return s.sqrt()
+def collect_layer_stats(layer: nn.Module, cached_inputs: list[tuple[tuple, dict]], *, input_paths: list[str] = (),
+                        head_norm_paths: list[str] = (), head_dim: int | None = None, gram: bool = False,
+                        fire_threshold: float | None = None, gram_dtype: torch.dtype = torch.float32) -> Stats:
+    """The forward-only statistics of one decoder layer from its cached calls: ``cached_inputs`` holds the
+    (args, kwargs) the layer was called with, one per batch (paths relative to ``layer``). For layer-wise
+    execution: the layer-local scores need nothing else."""
+    stats = Stats()
+    t0 = time.perf_counter()
+    handles = attach_hooks(layer, stats, input_paths=input_paths, head_norm_paths=head_norm_paths,
+                           head_dim=head_dim, gram=gram, fire_threshold=fire_threshold, gram_dtype=gram_dtype)
+    try:
+        with torch.no_grad():
+            for args, kwargs in cached_inputs:
+                layer(*args, **kwargs)
+                hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, H)
+                stats.tokens += hidden.shape[0] * hidden.shape[1]
+    finally:
+        for h in handles:
+            h.remove()
+    stats.seconds = time.perf_counter() - t0
+    stats.peak_rss_mb = _peak_rss_mb()
+    return stats
 
 
 def calibration_loss(model: nn.Module, batches: torch.Tensor, batch_size: int) -> float:

@@ -9,28 +9,83 @@ score is the sum of its query heads' scores plus its KV head's, which counts onc
 from __future__ import annotations
 
 import copy
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 
-from gqaprune.arch.adapter import decoder_layers, get_module, head_dim_of, layer_shape
+from gqaprune.arch.adapter import decoder_layers, get_module, head_dim_of, layer_shape, model_shapes
 from gqaprune.context import RunContext
-from gqaprune.ops.reconstruct import obs_block_costs, relative_error, repair, repair_paired
-from gqaprune.recipe import HeadPruneStage
-from gqaprune.scoring.stats import (ablation_scores, collect_stats, head_magnitude_scores, head_taylor_scores,
-                              role_paths)
+from gqaprune.errors import InputError
+from gqaprune.ops.reconstruct import relative_error, repair, repair_paired
 from gqaprune.ops.sequential import paired_grams
-from gqaprune.stages.amounts import heads_removed, protected, spread
-from gqaprune.scoring.hidden import layer_distances, layer_input_sq_norms
 from gqaprune.ops.surgery import prune_heads
+from gqaprune.schema import Reconstructs, one_of, repair_mode
+from gqaprune.scoring.base import LayerInput
+from gqaprune.scoring.gather import gather_stats
+from gqaprune.scoring.hidden import layer_distances, layer_input_sq_norms
+from gqaprune.scoring.registry import HEAD_SCORES
+from gqaprune.scoring.stats import role_paths
+from gqaprune.stages.amounts import heads_removed, protected, spread
+from gqaprune.stages.base import PlanInput, Planned, Stage
 
 
-def _head_blocks(n: int, head_dim: int) -> list[torch.Tensor]:
-    return [torch.arange(h * head_dim, (h + 1) * head_dim) for h in range(n)]
+class HeadPruneStage(Reconstructs):
+    type: Literal["head_prune"]
+    unit: Literal["group", "query_head"] = "group"
+    prune_ratio: float | None = Field(None, gt=0, lt=1)
+    keep_kv_heads: int | None = Field(None, ge=1)
+    keep_q_per_kv: int | None = Field(None, ge=1)
+    round: Literal["exact", "nearest"] = "exact"  # exact: a ratio that cannot be met is an error
+    score: Literal[tuple(HEAD_SCORES)] = "taylor"
+    taylor_mix: float | None = Field(None, ge=0, description="taylor2 + taylor_mix * taylor")
+    allocation: Literal["uniform", "global", "by_layer_importance"] = "uniform"
+    min_groups_per_layer: int = Field(1, ge=1)
+    protect_layers: list[int] = []
+
+    @model_validator(mode="after")
+    def _amount(self):
+        one_of(self, ["prune_ratio", "keep_kv_heads", "keep_q_per_kv"], "head_prune")
+        if self.unit == "group" and self.keep_q_per_kv is not None:
+            raise ValueError("keep_q_per_kv goes with unit: query_head (unit: group takes prune_ratio or keep_kv_heads)")
+        if self.unit == "query_head" and self.keep_kv_heads is not None:
+            raise ValueError("keep_kv_heads goes with unit: group (unit: query_head takes prune_ratio or keep_q_per_kv)")
+        if self.taylor_mix is not None and self.score != "taylor2":
+            raise ValueError("taylor_mix goes with score: taylor2")
+        return self
 
 
-class HeadPrune:
-    def __init__(self, cfg: HeadPruneStage):
-        self.cfg = cfg
+class HeadPrune(Stage):
+    name = "head_prune"
+    Config = HeadPruneStage
+
+    # -- plan: the counts ----------------------------------------------------------------------
+    def plan(self, shapes: list[dict], inp: PlanInput) -> Planned:
+        """Units removed per layer (groups, or query heads per group) and the protected layers."""
+        c, where, n_layers = self.cfg, inp.where, len(shapes)
+        uniq = {(s["num_attention_heads"], s["num_key_value_heads"]) for s in shapes}
+        if len(uniq) != 1:
+            raise InputError(f"{where}: layers have different head counts {sorted(uniq)}; prune a model with "
+                             "uniform attention shapes (per-layer head pruning of a per-layer model is not supported)")
+        n_q, n_kv = uniq.pop()
+        r = heads_removed(c, n_q, n_kv, where)
+        prot = protected(c.protect_layers, n_layers, where)
+        after = []
+        for i, s in enumerate(shapes):
+            kv_after, q_after = (n_kv - r, n_q - r * n_q // n_kv) if c.unit == "group" else (n_kv, n_q - r * n_kv)
+            after.append(dict(s, source_layer=i) if i in prot else
+                         dict(s, source_layer=i, num_attention_heads=q_after, num_key_value_heads=kv_after))
+        notes = []
+        if c.allocation != "uniform":
+            notes.append(f"allocation {c.allocation}: per-layer head counts are chosen at run time; "
+                         "shown here as the uniform equivalent")
+        return Planned(after, notes, {"removed": r, "protected": prot})
+
+    def gives_per_layer_shapes(self) -> bool:
+        return self.cfg.allocation != "uniform" or bool(self.cfg.protect_layers)
+
+    def layer_local(self) -> bool:
+        return HEAD_SCORES[self.cfg.score].layer_local and self.cfg.allocation == "uniform"
 
     # -- scores ------------------------------------------------------------------------------
     def layer_scores(self, ctx: RunContext, stats, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,44 +95,9 @@ class HeadPrune:
         hd = head_dim_of(model.config, adapter)
         shape = layer_shape(layer, adapter, hd)
         nq, nkv = shape["num_attention_heads"], shape["num_key_value_heads"]
-        o_path = role_paths(adapter, layer_idx, ["o"])["o"]
-        if c.score == "taylor":
-            q, kv = head_taylor_scores(stats.taylor, model, adapter, layer_idx)
-        elif c.score == "taylor2":
-            q, kv = head_taylor_scores(stats.taylor2, model, adapter, layer_idx)
-            if c.taylor_mix:
-                q1, kv1 = head_taylor_scores(stats.taylor, model, adapter, layer_idx)
-                q, kv = q + c.taylor_mix * q1, kv + c.taylor_mix * kv1
-        elif c.score == "magnitude":
-            q, kv = head_magnitude_scores(model, adapter, layer_idx)
-        elif c.score == "activation":
-            o_w = get_module(layer, adapter.layer.o).weight.detach().float()
-            col_norm = o_w.pow(2).sum(0).reshape(nq, hd).sum(1).sqrt()
-            q = stats.head_norm[o_path] / stats.tokens * col_norm
-            kv = torch.zeros(nkv)
-        elif c.score == "reconstruction":
-            w = get_module(layer, adapter.layer.o).weight
-            gram = stats.gram[o_path]
-            if c.unit == "group":
-                g = nq // nkv
-                blocks = [torch.arange(j * g * hd, (j + 1) * g * hd) for j in range(nkv)]
-                kv = obs_block_costs(w, gram, blocks, c.reconstruct_damp)
-                q = torch.zeros(nq)
-            else:
-                q = obs_block_costs(w, gram, _head_blocks(nq, hd), c.reconstruct_damp)
-                kv = torch.zeros(nkv)
-        elif c.score == "ablation":  # measured loss increase of each unit removed alone
-            if c.unit == "group":
-                kv, q = stats.ablation[o_path], torch.zeros(nq)
-            else:
-                q, kv = stats.ablation[o_path], torch.zeros(nkv)
-        elif c.score == "random":
-            gen = ctx.generator(1000 + layer_idx)
-            q, kv = torch.rand(nq, generator=gen), torch.rand(nkv, generator=gen)
-        elif c.score == "truncate":  # keep the first heads: later heads score lower
-            q, kv = -torch.arange(nq, dtype=torch.float), -torch.arange(nkv, dtype=torch.float) * nq
-        else:  # pragma: no cover - the schema forbids it
-            raise ValueError(c.score)
+        u = LayerInput(model, adapter, layer_idx, layer, stats, nq, nkv, hd, shape["intermediate_size"],
+                       unit=c.unit, damp=c.reconstruct_damp, taylor_mix=c.taylor_mix, generator=ctx.generator)
+        q, kv = HEAD_SCORES[c.score].compute(u)
         q = q.float().reshape(nkv, nq // nkv)
         return q, q.sum(1) + kv.float()
 
@@ -99,11 +119,12 @@ class HeadPrune:
             # not normalized per layer (dividing by a layer's mean hid which layers matter: tiny-llama Q25 no
             # repair, per-layer mean 295.34, raw 157.69, uniform 191.78). Activation and reconstruction
             # measure a unit's output in the residual stream, whose scale grows with depth: they are divided
-            # by the RMS norm of the layer's residual input (its square for reconstruction, a squared error),
-            # so early layers are not taken for cheap (16Q/4KV Llama G50: raw 372.45, divided 160.96).
-            if c.score in ("activation", "reconstruction"):
+            # by the RMS norm of the layer's residual input (its square for reconstruction, a squared error;
+            # the score's cross_layer says which), so early layers are not taken for cheap (16Q/4KV Llama G50: raw 372.45, divided 160.96).
+            cross = HEAD_SCORES[c.score].cross_layer
+            if cross != "raw":
                 sq = layer_input_sq_norms(ctx.model, ctx.adapter, ctx.calib, ctx.batch_size)
-                power = 1.0 if c.score == "reconstruction" else 0.5
+                power = 1.0 if cross == "residual_mean_square" else 0.5
                 scores = {i: (q / float(sq[i]) ** power, grp / float(sq[i]) ** power) for i, (q, grp) in scores.items()}
             steps = []
             for i in cand:
@@ -130,31 +151,17 @@ class HeadPrune:
         layers = decoder_layers(model, adapter)
         n_layers = len(layers)
         hd = head_dim_of(model.config, adapter)
-        shapes = [layer_shape(l, adapter, hd) for l in layers]
-        prot = protected(c.protect_layers, n_layers, "head_prune")
-        n_remove = heads_removed(c, shapes[0]["num_attention_heads"], shapes[0]["num_key_value_heads"])
+        counts = self.plan(model_shapes(model, adapter), PlanInput("head_prune")).counts
+        prot, n_remove = counts["protected"], counts["removed"]
 
         o_paths = [role_paths(adapter, i, ["o"])["o"] for i in range(n_layers)]
-        sequential = ctx.recipe.calibration.sequential and c.reconstruct == "least_squares"
-        want_gram = (c.reconstruct == "least_squares" and not sequential) or c.score == "reconstruction"
-        taylor_paths = []
-        if c.score in ("taylor", "taylor2"):
-            for i in range(n_layers):
-                taylor_paths += list(role_paths(adapter, i, ["q", "k", "v", "qkv", "o"]).values())
-        stats = collect_stats(
-            model, ctx.calib, taylor_paths=taylor_paths, taylor2=c.score == "taylor2",
-            input_paths=o_paths if (want_gram or c.score == "activation") else [], gram=want_gram,
-            head_dim=hd, batch_size=ctx.batch_size, progress=ctx.progress, desc=f"head scores ({c.score})",
-        )
-        if c.score == "ablation":
-            units = {}
-            for i in range(n_layers):
-                nq, nkv = shapes[i]["num_attention_heads"], shapes[i]["num_key_value_heads"]
-                size = nq // nkv * hd if c.unit == "group" else hd  # a group's o_proj columns, or a head's
-                units[o_paths[i]] = [torch.arange(u * size, (u + 1) * size) for u in range(nq * hd // size)]
-            stats.ablation = ablation_scores(model, ctx.calib, units, ctx.batch_size, ctx.progress,
-                                             desc=f"head scores (ablation, {sum(map(len, units.values()))} units)")
+        mode = repair_mode(ctx.recipe.calibration, c.reconstruct)
+        score = HEAD_SCORES[c.score]
+        needs = score.needs | ({"gram"} if mode == "one_shot" else set())  # one-shot repair solves from C
+        stats = gather_stats(needs, model, adapter, ctx.calib, axis="heads", unit=c.unit, batch_size=ctx.batch_size,
+                             progress=ctx.progress, desc=f"head scores ({c.score})")
         scores = {i: self.layer_scores(ctx, stats, i) for i in range(n_layers)}
+        sequential = mode == "sequential"
         dense = copy.deepcopy(model).eval() if sequential else None  # targets: the model before this stage
         removals = self.per_layer_removals(ctx, scores, prot, n_remove, n_layers)
 
@@ -195,7 +202,7 @@ class HeadPrune:
                     with torch.no_grad():
                         get_module(layers[i], adapter.layer.o).weight.copy_(new_w)
                     entry.update(err)
-                elif c.reconstruct == "least_squares":
+                elif mode == "one_shot":
                     cols = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in kept_q])
                     new_w, err = repair(w_old, stats.gram[o_paths[i]], cols, c.reconstruct_damp)
                     with torch.no_grad():
@@ -211,3 +218,32 @@ class HeadPrune:
             "scoring_seconds": round(stats.seconds, 3), "scoring_peak_rss_mb": round(stats.peak_rss_mb, 1),
             "layers": per_layer,
         }
+
+    # -- what the output folder shows --------------------------------------------------------
+    @classmethod
+    def card_what(cls, s: dict) -> str:
+        return (f"{s['unit']} pruning by {s['score']} ({s['allocation']}, reconstruct {s['reconstruct']}); "
+                f"heads per layer after: {[l['heads_after'] for l in s['layers']]}, "
+                f"KV heads: {[l['kv_heads_after'] for l in s['layers']]}")
+
+    @classmethod
+    def plot(cls, s: dict, plt):
+        import numpy as np
+
+        key = "group_scores" if s["unit"] == "group" else "head_scores"
+        rows = [l[key] for l in s["layers"]]
+        width = max(len(r) for r in rows)
+        mat = np.full((len(rows), width), np.nan)
+        for i, r in enumerate(rows):
+            mat[i, : len(r)] = r
+        fig, ax = plt.subplots(figsize=(6, 0.6 * len(rows) + 1.5))
+        im = ax.imshow(mat, aspect="auto", cmap="viridis")
+        removed_key = "removed_kv_heads" if s["unit"] == "group" else "removed_q_heads"
+        for i, l in enumerate(s["layers"]):
+            for j in l[removed_key]:
+                ax.text(j, i, "x", ha="center", va="center", color="red", fontsize=12, fontweight="bold")
+        ax.set_xlabel("KV group" if s["unit"] == "group" else "query head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"stage {s['index']}: {s['score']} importance (x = removed)")
+        fig.colorbar(im, ax=ax)
+        return fig, f"stage{s['index']}_head_importance.png"

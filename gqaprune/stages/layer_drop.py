@@ -16,15 +16,38 @@ layer 0 has no layer before it and is not repaired.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 
-from gqaprune.arch.adapter import decoder_layers, get_module
-from gqaprune.scoring.hidden import layer_distances, residual_stats
+from gqaprune.arch.adapter import decoder_layers, get_module, model_shapes
 from gqaprune.context import RunContext
+from gqaprune.errors import InputError
 from gqaprune.ops.reconstruct import repair_residual
-from gqaprune.recipe import LayerDropStage
 from gqaprune.ops.surgery import drop_layers
+from gqaprune.schema import Strict, one_of
+from gqaprune.scoring.hidden import layer_distances, residual_stats
+from gqaprune.stages.base import PlanInput, Planned, Stage
+
+
+class LayerDropStage(Strict):
+    type: Literal["layer_drop"]
+    num_layers: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0, lt=1)
+    score: Literal["block_influence", "angular_block"] = "block_influence"
+    protect_first: int = Field(1, ge=0)
+    protect_last: int = Field(1, ge=0)
+    # not schema.Reconstructs: this repair writes a dropped run's residual update, and never runs sequentially
+    reconstruct: Literal["least_squares", "none"] = Field(
+        "least_squares", description="least_squares: refit the MLP output projection of the kept layer before each "
+        "dropped run so that it also writes what the run added to the residual stream; none: drop only")
+    reconstruct_damp: float = Field(0.01, gt=0, description="lambda as a fraction of the mean diagonal of X^T X")
+
+    @model_validator(mode="after")
+    def _amount(self):
+        one_of(self, ["num_layers", "fraction"], "layer_drop")
+        return self
 
 
 def contiguous_runs(dropped: list[int]) -> list[tuple[int, int]]:
@@ -38,19 +61,34 @@ def contiguous_runs(dropped: list[int]) -> list[tuple[int, int]]:
     return [(s, e) for s, e in runs]
 
 
-class LayerDrop:
-    def __init__(self, cfg: LayerDropStage):
-        self.cfg = cfg
+class LayerDrop(Stage):
+    name = "layer_drop"
+    Config = LayerDropStage
 
-    def count(self, n_layers: int) -> int:
-        c = self.cfg
-        return c.num_layers if c.num_layers is not None else max(1, round(c.fraction * n_layers))
+    def plan(self, shapes: list[dict], inp: PlanInput) -> Planned:
+        """How many layers drop and which are candidates; shown as the last candidates dropping."""
+        c, n_layers = self.cfg, len(shapes)
+        n = c.num_layers if c.num_layers is not None else max(1, round(c.fraction * n_layers))
+        cand = list(range(c.protect_first, n_layers - c.protect_last))
+        if n >= n_layers:
+            raise InputError(f"{inp.where}: dropping {n} of {n_layers} layers would remove every layer")
+        if n > len(cand):
+            raise InputError(f"{inp.where}: dropping {n} layers, but only {len(cand)} of {n_layers} are outside "
+                             f"protect_first={c.protect_first} / protect_last={c.protect_last}")
+        placeholder = set(cand[-n:])
+        after = [dict(s, source_layer=i) for i, s in enumerate(shapes) if i not in placeholder]
+        return Planned(after, ["which layers drop is decided by the scores at run time"],
+                       {"drop": n, "candidates": (cand[0], cand[-1] + 1)})
+
+    def layer_local(self) -> bool:
+        return False  # scores compare hidden states across layers
 
     def apply(self, ctx: RunContext) -> dict:
         c = self.cfg
         n_layers = len(decoder_layers(ctx.model, ctx.adapter))
-        n = self.count(n_layers)
-        lo, hi = c.protect_first, n_layers - c.protect_last  # candidates: [lo, hi)
+        counts = self.plan(model_shapes(ctx.model, ctx.adapter), PlanInput("layer_drop")).counts
+        n = counts["drop"]
+        lo, hi = counts["candidates"]  # candidates: [lo, hi)
         cos = layer_distances(ctx.model, ctx.adapter, ctx.calib, ctx.batch_size, ctx.progress)
         if c.score == "block_influence":
             scores = [1.0 - float(cos[i, i + 1]) for i in range(n_layers)]
@@ -87,3 +125,24 @@ class LayerDrop:
             "num_layers_before": n_layers,
             "num_layers_after": n_layers - len(dropped),
         }
+
+    @classmethod
+    def card_what(cls, s: dict) -> str:
+        what = f"dropped layers {s['dropped_layers']} by {s['score']}"
+        fixed = [r for r in s.get("repairs", []) if r.get("repaired_layer") is not None]
+        if fixed:
+            what += "; least-squares repair: " + ", ".join(
+                f"layer {r['repaired_layer']} writes {1 - r['rel_error_lsq']:.0%} of what layers {r['dropped']} added"
+                for r in fixed)
+        return what
+
+    @classmethod
+    def plot(cls, s: dict, plt):
+        scores = [x if x is not None else float("nan") for x in s["layer_scores"]]
+        fig, ax = plt.subplots(figsize=(6, 3))
+        colors = ["tab:red" if i in s["dropped_layers"] else "tab:blue" for i in range(len(scores))]
+        ax.bar(range(len(scores)), scores, color=colors)
+        ax.set_xlabel("layer (before this stage)")
+        ax.set_ylabel(s["score"])
+        ax.set_title(f"stage {s['index']}: layer scores (red = dropped)")
+        return fig, f"stage{s['index']}_layer_scores.png"

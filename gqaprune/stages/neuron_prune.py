@@ -10,43 +10,77 @@ random (seeded). Kept widths are multiples of `align`.
 from __future__ import annotations
 
 import copy
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 
-from gqaprune.arch.adapter import decoder_layers, get_module, head_dim_of, layer_shape
+from gqaprune.arch.adapter import decoder_layers, get_module, head_dim_of, layer_shape, model_shapes
 from gqaprune.context import RunContext
 from gqaprune.ops.reconstruct import relative_error, repair, repair_paired
-from gqaprune.recipe import NeuronPruneStage
-from gqaprune.scoring.stats import channel_magnitude_scores, channel_taylor_scores, collect_stats, role_paths
 from gqaprune.ops.sequential import paired_grams
-from gqaprune.stages.amounts import aligned_keep, protected
 from gqaprune.ops.surgery import prune_channels
+from gqaprune.schema import Reconstructs, one_of, repair_mode
+from gqaprune.scoring.base import LayerInput
+from gqaprune.scoring.gather import gather_stats
+from gqaprune.scoring.registry import CHANNEL_SCORES
+from gqaprune.scoring.stats import role_paths
+from gqaprune.stages.amounts import aligned_keep, protected
+from gqaprune.stages.base import PlanInput, Planned, Stage
 
 
-class NeuronPrune:
-    def __init__(self, cfg: NeuronPruneStage):
-        self.cfg = cfg
+class NeuronPruneStage(Reconstructs):
+    type: Literal["neuron_prune"]
+    prune_ratio: float | None = Field(None, gt=0, lt=1)
+    keep: int | None = Field(None, ge=1)
+    score: Literal[tuple(CHANNEL_SCORES)] = "taylor"
+    align: int = Field(64, ge=1, description="kept width is a multiple of this")
+    allocation: Literal["uniform", "global"] = "uniform"
+    protect_layers: list[int] = []
+    frequency_threshold: float = Field(1e-3, ge=0, description="|activation| above this counts as firing (score: frequency)")
+
+    @model_validator(mode="after")
+    def _amount(self):
+        one_of(self, ["prune_ratio", "keep"], "neuron_prune")
+        return self
+
+
+class NeuronPrune(Stage):
+    name = "neuron_prune"
+    Config = NeuronPruneStage
+
+    def plan(self, shapes: list[dict], inp: PlanInput) -> Planned:
+        """Kept width of every unprotected layer (aligned; uniform allocation) and the wanted widths before
+        alignment (global allocation shares their sum across layers)."""
+        c, where = self.cfg, inp.where
+        prot = protected(c.protect_layers, len(shapes), where)
+        kept, want, notes, after = {}, {}, [], []
+        for i, s in enumerate(shapes):
+            if i in prot:
+                after.append(dict(s, source_layer=i))
+                continue
+            kept[i], want[i] = aligned_keep(s["intermediate_size"], c, where)
+            if kept[i] != want[i]:
+                notes.append(f"layer {i}: keeps {kept[i]} channels instead of {want[i]} to align to {c.align}")
+            after.append(dict(s, source_layer=i, intermediate_size=kept[i]))
+        if c.allocation != "uniform":
+            notes.append("allocation global: per-layer widths are chosen at run time; shown as uniform")
+        return Planned(after, notes, {"kept": kept, "want": want})
+
+    def gives_per_layer_shapes(self) -> bool:
+        return self.cfg.allocation != "uniform" or bool(self.cfg.protect_layers)
+
+    def layer_local(self) -> bool:
+        return CHANNEL_SCORES[self.cfg.score].layer_local and self.cfg.allocation == "uniform"
 
     def layer_scores(self, ctx: RunContext, stats, i: int, width: int) -> torch.Tensor:
         c = self.cfg
-        down_path = role_paths(ctx.adapter, i, ["down"])["down"]
         layer = decoder_layers(ctx.model, ctx.adapter)[i]
-        if c.score == "taylor":
-            return channel_taylor_scores(stats.taylor, ctx.adapter, i, width)
-        if c.score == "magnitude":
-            return channel_magnitude_scores(ctx.model, ctx.adapter, i)
-        if c.score == "activation":
-            col = get_module(layer, ctx.adapter.layer.down).weight.detach().float().norm(dim=0)
-            return stats.sq[down_path].sqrt() * col
-        if c.score == "frequency":
-            return stats.fire[down_path] / stats.tokens
-        if c.score == "reconstruction":
-            w = get_module(layer, ctx.adapter.layer.down).weight
-            gram = stats.gram[down_path]
-            return _channel_obs_costs(w, gram, c.reconstruct_damp)
-        if c.score == "random":
-            return torch.rand(width, generator=ctx.generator(2000 + i))
-        raise ValueError(c.score)  # pragma: no cover
+        hd = head_dim_of(ctx.model.config, ctx.adapter)
+        shape = layer_shape(layer, ctx.adapter, hd)
+        u = LayerInput(ctx.model, ctx.adapter, i, layer, stats, shape["num_attention_heads"],
+                       shape["num_key_value_heads"], hd, width, damp=c.reconstruct_damp, generator=ctx.generator)
+        return CHANNEL_SCORES[c.score].compute(u)
 
     def apply(self, ctx: RunContext) -> dict:
         c, model, adapter = self.cfg, ctx.model, ctx.adapter
@@ -54,36 +88,26 @@ class NeuronPrune:
         n_layers = len(layers)
         hd = head_dim_of(model.config, adapter)
         widths = [layer_shape(l, adapter, hd)["intermediate_size"] for l in layers]
-        prot = protected(c.protect_layers, n_layers, "neuron_prune")
-        cand = [i for i in range(n_layers) if i not in prot]
+        planned = self.plan(model_shapes(model, adapter), PlanInput("neuron_prune")).counts
+        cand = sorted(planned["kept"])  # the unprotected layers
 
         down_paths = [role_paths(adapter, i, ["down"])["down"] for i in range(n_layers)]
-        sequential = ctx.recipe.calibration.sequential and c.reconstruct == "least_squares"
-        want_gram = (c.reconstruct == "least_squares" and not sequential) or c.score == "reconstruction"
-        taylor_paths = []
-        if c.score == "taylor":
-            for i in range(n_layers):
-                taylor_paths += list(role_paths(adapter, i, ["gate", "up", "gate_up", "down"]).values())
-        needs_inputs = want_gram or c.score in ("activation", "frequency")
-        stats = collect_stats(
-            model, ctx.calib, taylor_paths=taylor_paths, input_paths=down_paths if needs_inputs else [],
-            gram=want_gram, fire_threshold=c.frequency_threshold if c.score == "frequency" else None,
-            batch_size=ctx.batch_size, progress=ctx.progress, desc=f"channel scores ({c.score})",
-        )
+        mode = repair_mode(ctx.recipe.calibration, c.reconstruct)
+        needs = CHANNEL_SCORES[c.score].needs | ({"gram"} if mode == "one_shot" else set())
+        stats = gather_stats(needs, model, adapter, ctx.calib, axis="channels", fire_threshold=c.frequency_threshold,
+                             batch_size=ctx.batch_size, progress=ctx.progress, desc=f"channel scores ({c.score})")
         scores = {i: self.layer_scores(ctx, stats, i, widths[i]).float() for i in range(n_layers)}
+        sequential = mode == "sequential"
         dense = copy.deepcopy(model).eval() if sequential else None  # targets: the model before this stage
 
         keep_n: dict[int, int] = {}
         rounding = {}
         if c.allocation == "uniform":
             for i in cand:
-                keep_n[i], want = aligned_keep(widths[i], c)
-                rounding[i] = want - keep_n[i]
+                keep_n[i] = planned["kept"][i]
+                rounding[i] = planned["want"][i] - keep_n[i]
         else:  # global: rank raw scores across layers (as head_prune does), then align each layer's kept width
-            total_keep = 0
-            for i in cand:
-                k, want = aligned_keep(widths[i], c)
-                total_keep += want
+            total_keep = sum(planned["want"][i] for i in cand)
             normed = [(float(s), i) for i in cand for s in scores[i]]
             normed.sort(reverse=True)
             counts = {i: 0 for i in cand}
@@ -110,7 +134,7 @@ class NeuronPrune:
                     with torch.no_grad():
                         get_module(layers[i], adapter.layer.down).weight.copy_(new_w)
                     entry.update(err)
-                elif c.reconstruct == "least_squares":
+                elif mode == "one_shot":
                     new_w, err = repair(w_old, stats.gram[down_paths[i]], keep, c.reconstruct_damp)
                     with torch.no_grad():
                         get_module(layers[i], adapter.layer.down).weight.copy_(new_w)
@@ -128,9 +152,7 @@ class NeuronPrune:
         }
 
 
-def _channel_obs_costs(w: torch.Tensor, gram: torch.Tensor, damp: float) -> torch.Tensor:
-    """OBS single-channel cost sum_o W[o, j]^2 / P[j, j], P = (C + lambda I)^-1."""
-    w, gram = w.detach().double().cpu(), gram.double()
-    lam = damp * float(torch.diagonal(gram).mean().clamp_min(1e-12))
-    p = torch.linalg.pinv(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype))
-    return (w.pow(2).sum(0) / torch.diagonal(p).clamp_min(1e-300)).float()
+    @classmethod
+    def card_what(cls, s: dict) -> str:
+        return (f"MLP channels by {s['score']} ({s['allocation']}, reconstruct {s['reconstruct']}, align {s['align']}); "
+                f"widths after: {[l['width_after'] for l in s['layers']]}")

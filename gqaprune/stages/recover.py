@@ -68,15 +68,41 @@ import math
 import time
 import warnings
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
 from gqaprune.arch.adapter import Adapter, decoder_layers, get_module
 from gqaprune.context import RunContext
 from gqaprune.errors import CheckFailed, InputError
-from gqaprune.recipe import RecoverStage, default_eval
+from gqaprune.schema import Strict, TextSource
+from gqaprune.stages.base import PlanInput, Planned, Stage, unchanged
+
+
+class RecoverStage(Strict):
+    type: Literal["recover"]
+    method: Literal["lora", "full", "distill"] = "lora"
+    data: TextSource | None = None  # default: the calibration source's train split
+    steps: int = Field(50, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(128, ge=8)
+    grad_accum: int = Field(1, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_roles: list[Literal["q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"]] = [
+        "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"]
+    alpha: float = Field(1.0, ge=0, le=1, description="distill: weight of the KL term; 1 - alpha weighs the LM loss")
+    temperature: float = Field(1.0, gt=0)
+    log_every: int = Field(10, ge=1)
+
 
 GRAD_CLIP = 1.0  # max global gradient norm
 PPL_MAX_TOKENS = 4096  # the stage's own before/after perplexity looks at this many held-out tokens
@@ -176,14 +202,22 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 # --- the stage --------------------------------------------------------------------------------------
 
 
-class Recover:
-    def __init__(self, cfg: RecoverStage):
-        self.cfg = cfg
+class Recover(Stage):
+    name = "recover"
+    Config = RecoverStage
+
+    def plan(self, shapes: list[dict], inp: PlanInput) -> Planned:
+        return Planned(unchanged(shapes), [], {})  # trains the weights; shapes stay
+
+    @classmethod
+    def card_what(cls, s: dict) -> str:
+        return f"recovery fine-tuning ({s.get('method')}, {s.get('steps')} steps)"
 
     def _heldout_ppl(self, ctx: RunContext, model: nn.Module) -> float | None:
         if ctx.eval_tokens is None:
             return None
         from gqaprune.evaluation.perplexity import perplexity
+        from gqaprune.recipe import default_eval  # the recipe imports this module for RecoverStage
 
         p = default_eval(ctx.recipe).perplexity
         seq_len = p.seq_len if p is not None else self.cfg.seq_len

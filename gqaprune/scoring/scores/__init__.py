@@ -1,0 +1,1 @@
+"""One file per score; gqaprune.scoring.registry lists them."""

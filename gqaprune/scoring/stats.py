@@ -67,8 +67,9 @@ def role_paths(adapter: Adapter, layer_idx: int, roles: list[str]) -> dict[str, 
 def attach_hooks(root: nn.Module, stats: Stats, *, taylor_paths: list[str] = (), taylor2: bool = False,
                  input_paths: list[str] = (), head_norm_paths: list[str] = (), head_dim: int | None = None,
                  gram: bool = False, fire_threshold: float | None = None,
-                 gram_dtype: torch.dtype = torch.float32) -> list:
+                 gram_dtype: torch.dtype = torch.float32, prefix: str = "") -> list:
     """Hooks on the modules under ``root`` (paths relative to it) that add into ``stats``; returns the handles.
+    Input statistics are keyed ``prefix + path`` (a layer's hooks can then use the model's paths).
 
     Taylor terms need a backward pass through ``root``; the input statistics need only forward passes."""
     handles = []
@@ -102,11 +103,13 @@ def attach_hooks(root: nn.Module, stats: Stats, *, taylor_paths: list[str] = (),
     head_paths = set(head_norm_paths)
     assert not head_paths or head_dim is not None, "per-head norms need head_dim"
 
-    def input_hook_for(path: str):
+    def input_hook_for(rel_path: str):
+        path = prefix + rel_path
+
         def hook(mod, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
             stats.sq[path] = stats.sq.get(path, 0) + x.pow(2).sum(0)
-            if path in head_paths:
+            if rel_path in head_paths:
                 per_head = x.reshape(x.shape[0], -1, head_dim).norm(dim=-1)  # (tokens, heads)
                 stats.head_norm[path] = stats.head_norm.get(path, 0) + per_head.sum(0)
             if fire_threshold is not None:
@@ -171,14 +174,17 @@ def collect_stats(model: nn.Module, batches: torch.Tensor, *, taylor_paths: list
 
 def collect_layer_stats(layer: nn.Module, cached_inputs: list[tuple[tuple, dict]], *, input_paths: list[str] = (),
                         head_norm_paths: list[str] = (), head_dim: int | None = None, gram: bool = False,
-                        fire_threshold: float | None = None, gram_dtype: torch.dtype = torch.float32) -> Stats:
+                        fire_threshold: float | None = None, gram_dtype: torch.dtype = torch.float32,
+                        prefix: str = "") -> Stats:
     """The forward-only statistics of one decoder layer from its cached calls: ``cached_inputs`` holds the
-    (args, kwargs) the layer was called with, one per batch (paths relative to ``layer``). For layer-wise
+    (args, kwargs) the layer was called with, one per batch (paths relative to ``layer``, keyed ``prefix + path``;
+    with prefix "model.layers.3." the layer-local scores read them as from collect_stats). For layer-wise
     execution: the layer-local scores need nothing else."""
     stats = Stats()
     t0 = time.perf_counter()
     handles = attach_hooks(layer, stats, input_paths=input_paths, head_norm_paths=head_norm_paths,
-                           head_dim=head_dim, gram=gram, fire_threshold=fire_threshold, gram_dtype=gram_dtype)
+                           head_dim=head_dim, gram=gram, fire_threshold=fire_threshold, gram_dtype=gram_dtype,
+                           prefix=prefix)
     try:
         with torch.no_grad():
             for args, kwargs in cached_inputs:

@@ -125,7 +125,7 @@ def _gram_info(row: dict, stats) -> None:
 
 
 def _split_stage(phases: Phases, stage_name: str, module, legacy_gram: bool = False):
-    """Wrap the stage module's collect_stats so the scoring pass is its own phase; returns the restore fn.
+    """Wrap the module's collect_stats (gqaprune.scoring.gather, which the stages call) so the scoring pass is its own phase; returns the restore fn.
     With ``legacy_gram``, first run the same pass with float64 Grams (the previous default), for comparison."""
     real = module.collect_stats
     holder: dict = {}
@@ -149,8 +149,7 @@ def _split_stage(phases: Phases, stage_name: str, module, legacy_gram: bool = Fa
 
 
 def run(args) -> dict:
-    import gqaprune.stages.head_prune as hp_mod
-    import gqaprune.stages.neuron_prune as np_mod
+    import gqaprune.scoring.gather as gather_mod  # both stages' scoring pass: gather_stats -> collect_stats
     from gqaprune.arch.adapter import resolve_adapter
     from gqaprune.io.checkpoint import save_model
     from gqaprune.evaluation.perplexity import perplexity
@@ -172,10 +171,10 @@ def run(args) -> dict:
             forward_backward(model, calib, args.batch_size)
 
     stages = [
-        ("head_prune", hp_mod, HeadPrune, HeadPruneStage,
+        ("head_prune", gather_mod, HeadPrune, HeadPruneStage,
          {"type": "head_prune", "unit": "group", "prune_ratio": 0.5, "score": "taylor",
           "reconstruct": "least_squares", "allocation": "uniform"}),
-        ("neuron_prune", np_mod, NeuronPrune, NeuronPruneStage,
+        ("neuron_prune", gather_mod, NeuronPrune, NeuronPruneStage,
          {"type": "neuron_prune", "prune_ratio": 0.25, "score": "taylor", "align": 64,
           "reconstruct": "least_squares", "allocation": "uniform"}),
     ]

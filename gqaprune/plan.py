@@ -120,7 +120,8 @@ def reshape_placeholder(model, adapter: Adapter, before: list[dict], after: list
         if (s["num_attention_heads"], s["num_key_value_heads"]) != (b["num_attention_heads"], b["num_key_value_heads"]):
             g = b["num_attention_heads"] // b["num_key_value_heads"]  # query heads per group before
             g_after = s["num_attention_heads"] // s["num_key_value_heads"]
-            prune_heads(model, adapter, i, {j: list(range(j * g, j * g + g_after)) for j in range(s["num_key_value_heads"])})
+            keep = {j: list(range(j * g, j * g + g_after)) for j in range(s["num_key_value_heads"])}
+            prune_heads(model, adapter, i, keep)
         if s["intermediate_size"] != b["intermediate_size"]:
             prune_channels(model, adapter, i, list(range(s["intermediate_size"])))
 

@@ -22,8 +22,8 @@ RECIPE_VERSION = 1
 STAGE_TYPES = tuple(STAGES)  # stage type names, in the order error messages list them
 
 # each stage's config lives in its own module; re-exported here (tests and scripts import them from the recipe)
-LayerDropStage, HeadPruneStage, NeuronPruneStage = (STAGES[t].Config for t in ("layer_drop", "head_prune", "neuron_prune"))
-RecoverStage, AwqStage = STAGES["recover"].Config, STAGES["awq"].Config
+LayerDropStage, HeadPruneStage = STAGES["layer_drop"].Config, STAGES["head_prune"].Config
+NeuronPruneStage, RecoverStage, AwqStage = (STAGES[t].Config for t in ("neuron_prune", "recover", "awq"))
 StageConfig = Annotated[Union[tuple(s.Config for s in STAGES.values())], Field(discriminator="type")]
 
 

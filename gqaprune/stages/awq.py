@@ -49,7 +49,8 @@ class Awq(Stage):
         problems = awq_width_problems(inp.saved_arch, getattr(inp.config, inp.adapter.config.hidden_size), shapes,
                                       head_dim_of(inp.config, inp.adapter), self.cfg.group_size)
         if problems:
-            raise InputError(f"{inp.where}: AutoAWQ cannot quantize what the earlier stages leave: " + "; ".join(problems))
+            raise InputError(f"{inp.where}: AutoAWQ cannot quantize what the earlier stages leave: "
+                             + "; ".join(problems))
         bytes_per_param = 0.5 + 4.0 / self.cfg.group_size  # int4 weights plus fp16 scale and packed zero per group
         return Planned(unchanged(shapes), ["weights 4-bit (embeddings and norms stay in 16-bit; shown as a uniform "
                                            "estimate)"], {"bytes_per_param": bytes_per_param})

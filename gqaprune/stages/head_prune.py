@@ -120,7 +120,8 @@ class HeadPrune(Stage):
             # repair, per-layer mean 295.34, raw 157.69, uniform 191.78). Activation and reconstruction
             # measure a unit's output in the residual stream, whose scale grows with depth: they are divided
             # by the RMS norm of the layer's residual input (its square for reconstruction, a squared error;
-            # the score's cross_layer says which), so early layers are not taken for cheap (16Q/4KV Llama G50: raw 372.45, divided 160.96).
+            # the score's cross_layer says which), so early layers are not taken for cheap
+            # (16Q/4KV Llama G50: raw 372.45, divided 160.96).
             cross = HEAD_SCORES[c.score].cross_layer
             if cross != "raw":
                 sq = layer_input_sq_norms(ctx.model, ctx.adapter, ctx.calib, ctx.batch_size)

@@ -117,3 +117,17 @@ def test_awq_is_the_only_output_stage_and_must_be_last():
     assert [name for name, cls in STAGES.items() if cls.writes_output] == ["awq"]
     with pytest.raises(Exception, match=r"stages\[0\] awq must be the last stage \(found after it: recover\)"):
         _recipe([{"type": "awq"}, {"type": "recover"}])
+
+
+@pytest.mark.parametrize("stage,local", [
+    ({"type": "head_prune", "prune_ratio": 0.5, "score": "activation"}, True),
+    ({"type": "head_prune", "prune_ratio": 0.5, "score": "activation", "allocation": "global"}, False),
+    ({"type": "head_prune", "prune_ratio": 0.5, "score": "taylor"}, False),  # gradients of the model's loss
+    ({"type": "head_prune", "prune_ratio": 0.5, "score": "ablation"}, False),
+    ({"type": "neuron_prune", "prune_ratio": 0.5, "score": "reconstruction"}, True),
+    ({"type": "neuron_prune", "prune_ratio": 0.5, "score": "taylor"}, False),
+    ({"type": "layer_drop", "num_layers": 1}, False),
+    ({"type": "recover"}, False),
+])
+def test_layer_local_stages_are_those_with_layer_local_scores_and_uniform_allocation(stage, local):
+    assert build_stage(_recipe([stage]).stages[0]).layer_local() is local

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gqaprune.arch.adapter import head_dim_of, resolve_adapter
+from gqaprune.arch.adapter import LAYER_ROLE_PATHS, head_dim_of, resolve_adapter
 from gqaprune.plan import llama_stock_head_counts, meta_model
 from gqaprune.io.sources import read_config
 
@@ -18,7 +18,9 @@ def inspect_model(spec: str, adapter_spec: str = "auto") -> dict:
     by_role: dict[str, int] = {}
     for name, p in model.named_parameters():
         role = "other"
-        for r in ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "input_norm", "post_attention_norm"):
+        for r in LAYER_ROLE_PATHS:
+            if r in ("attention", "mlp"):  # containers; their parameters belong to the roles inside
+                continue
             path = getattr(adapter.layer, r)
             if path and f".{path}." in f".{name}" :
                 role = r

@@ -62,8 +62,16 @@ class LayerRoles(_Strict):
     gate_up: str | None = None
     gate_up_layout: GateUpLayout | None = None
     down: str
-    input_norm: str
-    post_attention_norm: str | None = None  # absent when attention and MLP run in parallel (Phi-1/2)
+    input_norm: str  # normalises the attention's input
+    post_attention_norm: str | None = None  # normalises the MLP's input; absent when attention and MLP run in parallel (Phi-1/2)
+    # Normalisation applied to a sublayer's OUTPUT before the residual add (Gemma2/3, OLMo2):
+    # h = h + post_attn_output_norm(attn(input_norm(h))), h = h + post_mlp_output_norm(mlp(post_attention_norm(h))).
+    post_attn_output_norm: str | None = None
+    post_mlp_output_norm: str | None = None
+    # Per-head normalisation of queries and keys (Qwen3, Gemma3): weight of size head_dim, shared by all heads,
+    # so head pruning leaves it as it is.
+    q_norm: str | None = None
+    k_norm: str | None = None
     parallel_attn_mlp: bool = False
 
     @model_validator(mode="after")
@@ -101,6 +109,20 @@ class LayerRoles(_Strict):
         return self.gate is not None or self.gate_up is not None
 
 
+class NormSpec(_Strict):
+    """How the family's norms compute: RMSNorm or LayerNorm; Gemma's RMSNorm multiplies by (1 + w)
+    (weight_offset 1), so a weight of zeros is the identity scale."""
+
+    kind: Literal["rms", "layer"] = "rms"
+    weight_offset: Literal[0, 1] = 0
+
+
+class EmbeddingSpec(_Strict):
+    """Gemma multiplies the token embeddings by sqrt(hidden_size) before the first layer."""
+
+    scale: Literal["none", "sqrt_hidden"] = "none"
+
+
 class Adapter(_Strict):
     """One architecture family. Unknown fields are errors."""
 
@@ -110,6 +132,8 @@ class Adapter(_Strict):
     config: ConfigKeys = ConfigKeys()
     model: ModelRoles
     layer: LayerRoles
+    norm: NormSpec = NormSpec()
+    embedding: EmbeddingSpec = EmbeddingSpec()
     source: str = ""  # file it was read from (filled by the loader)
 
 
@@ -179,6 +203,11 @@ def resolve_adapter(spec: str, architectures: list[str] | None) -> Adapter:
             raise InputError(f"adapter file '{spec}' does not exist")
         return load_adapter_file(path)
     raise InputError(f"unknown adapter '{spec}'; use auto, one of {', '.join(known)}, or a path to an adapter .yaml")
+
+
+# Every layer role that names a module path, in a fixed order.
+LAYER_ROLE_PATHS = ("attention", "q", "k", "v", "qkv", "o", "mlp", "gate", "up", "gate_up", "down", "input_norm",
+                    "post_attention_norm", "post_attn_output_norm", "post_mlp_output_norm", "q_norm", "k_norm")
 
 
 # --- access to a loaded model through the roles ---------------------------------------------
@@ -258,11 +287,16 @@ def check_adapter_on_model(model: nn.Module, adapter: Adapter) -> None:
     r = adapter.layer
     for i, layer in enumerate(layers):
         p = f"{adapter.model.layers}.{i}."
-        for role in ("attention", "q", "k", "v", "qkv", "o", "mlp", "gate", "up", "gate_up", "down",
-                     "input_norm", "post_attention_norm"):
+        for role in LAYER_ROLE_PATHS:
             path = getattr(r, role)
             if path is not None:
                 resolve(layer, path, role, p)
+        for role in ("q_norm", "k_norm"):
+            path = getattr(r, role)
+            size = None if path is None else get_module(layer, path).weight.shape[0]
+            if size is not None and size != hd:
+                raise InputError(f"{where}: role '{role}' ({p}{path}) has {size} weights; a per-head norm has "
+                                 f"head_dim={hd}")
         expect = per_layer[i] if per_layer else {
             "num_attention_heads": cfg_get(config, adapter, "num_heads"),
             "num_key_value_heads": cfg_get(config, adapter, "num_kv_heads"),

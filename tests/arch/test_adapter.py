@@ -55,3 +55,35 @@ def test_fused_qkv_needs_a_known_layout(tmp_path):
                    " input_norm: n, post_attention_norm: p}\n")
     with pytest.raises(InputError, match="qkv_layout"):
         load_adapter_file(bad)
+
+
+_MINIMAL = ("name: x\narchitectures: [X]\nmodel: {embed: a, layers: b, final_norm: c, lm_head: d}\n"
+            "layer: {attention: a, q: a, k: b, v: c, o: d, mlp: m, up: u, down: w, input_norm: n,"
+            " post_attention_norm: p, post_attn_output_norm: pa, post_mlp_output_norm: pm, q_norm: qn, k_norm: kn}\n")
+
+
+def test_adapter_schema_reads_output_norms_norm_kind_and_embedding_scale(tmp_path):
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(_MINIMAL + "norm: {kind: rms, weight_offset: 1}\nembedding: {scale: sqrt_hidden}\n")
+    a = load_adapter_file(ok)
+    assert (a.layer.post_attn_output_norm, a.layer.post_mlp_output_norm, a.layer.q_norm, a.layer.k_norm) == (
+        "pa", "pm", "qn", "kn")
+    assert (a.norm.kind, a.norm.weight_offset, a.embedding.scale) == ("rms", 1, "sqrt_hidden")
+    default = tmp_path / "default.yaml"
+    default.write_text(_MINIMAL)
+    d = load_adapter_file(default)
+    assert (d.norm.kind, d.norm.weight_offset, d.embedding.scale) == ("rms", 0, "none")
+
+
+@pytest.mark.parametrize("extra, match", [
+    ("norm: {kind: batch}\n", "norm.kind"),
+    ("norm: {kind: rms, weight_offset: 2}\n", "norm.weight_offset"),
+    ("norm: {kind: rms, eps_key: x}\n", "norm.eps_key: unknown key"),
+    ("embedding: {scale: sqrt_vocab}\n", "embedding.scale"),
+    ("embedding: {scale: none, multiplier: 2}\n", "embedding.multiplier: unknown key"),
+])
+def test_adapter_schema_rejects_bad_norm_and_embedding(tmp_path, extra, match):
+    bad = tmp_path / "x.yaml"
+    bad.write_text(_MINIMAL + extra)
+    with pytest.raises(InputError, match=match):
+        load_adapter_file(bad)

@@ -20,6 +20,7 @@ from gqaprune.ops.surgery import drop_layers, prune_channels, prune_heads
 from gqaprune.recipe import Recipe
 from gqaprune.stages import build_stage
 from gqaprune.stages.base import PlanInput
+from gqaprune.stages.output_norms import check_output_norms
 
 
 @dataclass
@@ -82,7 +83,9 @@ def simulate(recipe: Recipe, config, adapter: Adapter) -> list[StagePlan]:
         shapes = model_shapes(model, adapter)
         inp = PlanInput(where, config=config, adapter=adapter, earlier=built[:si], saved_arch=saved_arch)
         try:
+            output_norm_notes = check_output_norms(stage.cfg, adapter, where)
             planned = stage.plan(shapes, inp)
+            planned.notes[:0] = output_norm_notes
         except InputError as e:
             raise InputError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
         reshape_placeholder(model, adapter, shapes, planned.shapes)

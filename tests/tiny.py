@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
-FAMILIES = ("llama", "mistral", "qwen2", "phi3", "phi")
+FAMILIES = ("llama", "mistral", "qwen2", "phi3", "phi", "qwen3", "gemma3")
 
 _COMMON = dict(
     vocab_size=96,
@@ -33,6 +33,14 @@ def tiny_config(family: str, **overrides):
         return tf.Phi3Config(**kw, pad_token_id=0, tie_word_embeddings=False)
     if family == "phi":
         return tf.PhiConfig(**kw, tie_word_embeddings=False)
+    if family == "qwen3":
+        return tf.Qwen3Config(**kw, tie_word_embeddings=False)
+    if family == "gemma3":
+        # sliding window 4 < the 12-token test inputs, so a layer that lost its sliding/global type would change
+        # the logits; tied embeddings as in the released Gemma 3 models
+        n = kw["num_hidden_layers"]
+        kw.setdefault("layer_types", ["full_attention" if i % 3 == 2 else "sliding_attention" for i in range(n)])
+        return tf.Gemma3TextConfig(**kw, sliding_window=4, pad_token_id=0, tie_word_embeddings=True)
     raise ValueError(family)
 
 
@@ -42,6 +50,8 @@ _CLASSES = {
     "qwen2": tf.Qwen2ForCausalLM,
     "phi3": tf.Phi3ForCausalLM,
     "phi": tf.PhiForCausalLM,
+    "qwen3": tf.Qwen3ForCausalLM,
+    "gemma3": tf.Gemma3ForCausalLM,
 }
 
 

@@ -28,6 +28,7 @@ from gqaprune.scoring.registry import HEAD_SCORES
 from gqaprune.scoring.stats import role_paths
 from gqaprune.stages.amounts import heads_removed, protected, spread
 from gqaprune.stages.base import PlanInput, Planned, Stage
+from gqaprune.stages.output_norms import check_output_norms
 
 
 class HeadPruneStage(Reconstructs):
@@ -149,6 +150,7 @@ class HeadPrune(Stage):
     # -- apply -------------------------------------------------------------------------------
     def apply(self, ctx: RunContext) -> dict:
         c, model, adapter = self.cfg, ctx.model, ctx.adapter
+        check_output_norms(c, adapter, "head_prune")
         layers = decoder_layers(model, adapter)
         n_layers = len(layers)
         hd = head_dim_of(model.config, adapter)

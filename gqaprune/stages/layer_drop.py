@@ -29,6 +29,7 @@ from gqaprune.ops.surgery import drop_layers
 from gqaprune.schema import Strict, one_of
 from gqaprune.scoring.hidden import layer_distances, residual_stats
 from gqaprune.stages.base import PlanInput, Planned, Stage
+from gqaprune.stages.output_norms import layer_drop_reconstruct
 
 
 class LayerDropStage(Strict):
@@ -101,7 +102,8 @@ class LayerDrop(Stage):
             best = min(starts, key=lambda i: (scores[i], i))
             dropped = list(range(best, best + n))
         repairs = []
-        if c.reconstruct == "least_squares":
+        reconstruct, note = layer_drop_reconstruct(c, ctx.adapter)
+        if reconstruct == "least_squares":
             runs = contiguous_runs(dropped)
             stats = residual_stats(ctx.model, ctx.adapter, ctx.calib, runs, ctx.batch_size, ctx.progress)
             layers = decoder_layers(ctx.model, ctx.adapter)
@@ -117,7 +119,8 @@ class LayerDrop(Stage):
                 repairs.append({"dropped": list(range(s, e)), "repaired_layer": s - 1, **err})
         drop_layers(ctx.model, ctx.adapter, dropped)
         return {
-            "reconstruct": c.reconstruct,
+            "reconstruct": reconstruct,
+            **({"note": note} if note else {}),
             "repairs": repairs,
             "score": c.score,
             "layer_scores": scores,

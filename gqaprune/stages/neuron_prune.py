@@ -27,6 +27,7 @@ from gqaprune.scoring.registry import CHANNEL_SCORES
 from gqaprune.scoring.stats import role_paths
 from gqaprune.stages.amounts import aligned_keep, protected
 from gqaprune.stages.base import PlanInput, Planned, Stage
+from gqaprune.stages.output_norms import check_output_norms
 
 
 class NeuronPruneStage(Reconstructs):
@@ -84,6 +85,7 @@ class NeuronPrune(Stage):
 
     def apply(self, ctx: RunContext) -> dict:
         c, model, adapter = self.cfg, ctx.model, ctx.adapter
+        check_output_norms(c, adapter, "neuron_prune")
         layers = decoder_layers(model, adapter)
         n_layers = len(layers)
         hd = head_dim_of(model.config, adapter)

@@ -99,7 +99,7 @@ def test_roundtrip_check_fails_on_corrupted_weights(tmp_path, llama_dir, monkeyp
     assert not list(tmp_path.glob(".out*"))
 
 
-@pytest.mark.parametrize("family", ["qwen2", "phi3", "phi", "mistral"])
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "phi", "mistral", "qwen3", "gemma3"])
 def test_run_other_families(tmp_path, family):
     from tiny import save_tiny
 

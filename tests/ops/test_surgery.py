@@ -95,18 +95,22 @@ def _skip_layers(model, adapter, skip):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_layer_drop_equals_skipping(family):
+@pytest.mark.parametrize("drop", [[1, 2], [1]])
+def test_layer_drop_equals_skipping(family, drop):
+    # Gemma3's 4 tiny layers are sliding, sliding, full, sliding (window 4 < 12 tokens): dropping layer 1
+    # shifts the full-attention layer to index 1, so a layer_types list not kept in step changes the logits.
     model = tiny_model(family, num_hidden_layers=4)
     adapter = _adapter(model)
     ref = copy.deepcopy(model)
-    _skip_layers(ref, adapter, [1, 2])
-    drop_layers(model, adapter, [1, 2])
+    kept = [i for i in range(4) if i not in drop]
+    _skip_layers(ref, adapter, drop)
+    drop_layers(model, adapter, drop)
     ids = tiny_inputs()
     torch.testing.assert_close(_logits(model, ids), _logits(ref, ids), atol=1e-5, rtol=0)
-    assert model.config.num_hidden_layers == 2
-    assert [l.self_attn.layer_idx for l in decoder_layers(model, adapter)] == [0, 1]
+    assert model.config.num_hidden_layers == len(kept)
+    assert [l.self_attn.layer_idx for l in decoder_layers(model, adapter)] == list(range(len(kept)))
     if getattr(model.config, "layer_types", None) is not None:
-        assert len(model.config.layer_types) == 2
+        assert model.config.layer_types == [ref.config.layer_types[i] for i in kept]
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     ids1 = tiny_inputs(batch=1, seq=5)
     with torch.no_grad():

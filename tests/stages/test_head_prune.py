@@ -31,7 +31,7 @@ def _zero_group(model, adapter, layer, group, g=4, hd=16):
             get_module(lay, adapter.layer.o).weight[:, h * hd:(h + 1) * hd] = 0
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "qwen3", "gemma3"])
 @pytest.mark.parametrize("score", ["taylor", "taylor2", "magnitude", "activation", "reconstruction"])
 def test_zero_group_ranks_lowest_and_is_removed(family, score):
     model = tiny_model(family)

@@ -21,7 +21,7 @@ def test_contiguous_runs():
     assert contiguous_runs([0]) == [(0, 1)]
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3", "phi"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "phi", "qwen3"])  # gemma3: tests/stages/test_output_norms.py
 def test_repair_brings_the_residual_stream_back_toward_the_dropped_run(family):
     # 4 layers, layers 1 and 2 dropped: layer 0's down projection learns to write what they added.
     # On the calibration tokens, the repaired model's stream after layer 0 must be closer to the

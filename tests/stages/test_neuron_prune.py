@@ -17,7 +17,7 @@ def _ctx(model):
                       recipe=recipe, calib=calib, progress=False)
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3", "phi"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "phi", "qwen3", "gemma3"])
 def test_frequency_removes_exactly_the_dead_channels(family):
     model = tiny_model(family)
     ctx = _ctx(model)

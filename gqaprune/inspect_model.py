@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from gqaprune.arch.adapter import LAYER_ROLE_PATHS, head_dim_of, resolve_adapter
-from gqaprune.plan import llama_stock_head_counts, meta_model
+from gqaprune.arch.adapter import LAYER_ROLE_PATHS, head_dim_of, resolve_adapter, stock_head_counts
+from gqaprune.arch.convert import MISTRAL_FROM, MISTRAL_TO, save_as_mistral_problem
+from gqaprune.plan import meta_model
 from gqaprune.io.sources import read_config
 
 
@@ -46,18 +47,18 @@ def inspect_model(spec: str, adapter_spec: str = "auto") -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "parameters_by_role": by_role,
     }
-    if config.architectures[0] == "LlamaForCausalLM":
-        ok = set(llama_stock_head_counts(config))
+    stock = stock_head_counts(config, adapter)
+    if stock is not None:  # the stock config class takes only head counts that divide hidden_size
+        ok = set(stock)
         info["head_counts_that_reload_stock"] = sorted(ok)
         info["keep_kv_heads_that_reload_stock"] = [j for j in range(1, n_kv) if j * g in ok]
         info["keep_q_per_kv_that_reload_stock"] = [j for j in range(1, g) if j * n_kv in ok]
-        from gqaprune.arch.convert import save_as_mistral_problem
-
+    if config.architectures[0] == MISTRAL_FROM:
         problem = save_as_mistral_problem(config)
         if problem is None and not per_layer:
             info["head_counts_that_reload_stock_with_save_as_mistral"] = sorted(
                 {kv * q for kv in range(1, n_kv + 1) for q in range(1, g + 1)})
-            info["save_as_mistral"] = ("with save_as: mistral (saved as MistralForCausalLM, the same computation) "
+            info["save_as_mistral"] = (f"with save_as: mistral (saved as {MISTRAL_TO}, the same computation) "
                                        "every head count that keeps a whole number of query heads per KV head "
                                        "reloads with stock from_pretrained")
         else:

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from gqaprune.arch.adapter import Adapter, check_adapter_on_model, kv_cache_bytes_per_token, model_shapes
+from gqaprune.arch.adapter import (Adapter, check_adapter_on_model, kv_cache_bytes_per_token, model_shapes,
+                                   stock_head_counts)
+from gqaprune.arch.convert import MISTRAL_TO, save_as_mistral_problem
 from gqaprune.errors import InputError
 from gqaprune.ops.surgery import drop_layers, prune_channels, prune_heads
 from gqaprune.recipe import Recipe
@@ -76,7 +78,7 @@ def simulate(recipe: Recipe, config, adapter: Adapter) -> list[StagePlan]:
     plans = [_summary("source", model, adapter, bpp, [])]
     arch = (config.architectures or [type(model).__name__])[0]
     convert = check_save_as(recipe, config, arch)
-    saved_arch = "MistralForCausalLM" if convert else arch
+    saved_arch = MISTRAL_TO if convert else arch
     built = [build_stage(st) for st in recipe.stages]
     for si, stage in enumerate(built):
         where = f"stages[{si}] {stage.name}"
@@ -94,20 +96,22 @@ def simulate(recipe: Recipe, config, adapter: Adapter) -> list[StagePlan]:
     final = model_shapes(model, adapter)
     heads = {s["num_attention_heads"] for s in final}
     if convert:
-        plans[-1].notes.append("save_as: mistral: saved as MistralForCausalLM (the same computation), which stock "
+        plans[-1].notes.append(f"save_as: mistral: saved as {MISTRAL_TO} (the same computation), which stock "
                                "from_pretrained reloads")
-    elif arch == "LlamaForCausalLM" and len(heads) == 1:
-        h = heads.pop()
-        if getattr(config, "hidden_size") % h:
+    elif stock_head_counts(config, adapter) is not None and len(heads) == 1:
+        h, hidden = heads.pop(), getattr(config, adapter.config.hidden_size)
+        mistral = save_as_mistral_problem(config) is None
+        if hidden % h:
+            fix = "add save_as: mistral to the recipe (or keep a head count that divides" if mistral else \
+                "keep a head count that divides"
             if any(stage.writes_output for stage in built):
-                raise InputError(f"{h} query heads do not divide hidden_size {config.hidden_size}, which LlamaConfig "
-                                 "requires, so the pruned Llama can only be saved per-layer, which the awq stage "
-                                 "does not take; add save_as: mistral to the recipe (or keep a head count that "
-                                 f"divides {config.hidden_size})")
+                raise InputError(f"{h} query heads do not divide hidden_size {hidden}, which the stock {arch} config "
+                                 "requires, so the pruned model can only be saved per-layer, which the awq stage "
+                                 f"does not take; {fix} {hidden}" + (")" if mistral else ""))
             plans[-1].notes.append(
-                f"{h} heads do not divide hidden_size {config.hidden_size}, which LlamaConfig requires: the output "
-                "is saved with per-layer shapes (reload with gqaprune.load_pretrained or trust_remote_code=True; "
-                "save_as: mistral saves a folder stock from_pretrained reloads)")
+                f"{h} heads do not divide hidden_size {hidden}, which the stock {arch} config requires: the output "
+                "is saved with per-layer shapes (reload with gqaprune.load_pretrained or trust_remote_code=True"
+                + ("; save_as: mistral saves a folder stock from_pretrained reloads)" if mistral else ")"))
     return plans
 
 
@@ -134,12 +138,10 @@ def check_save_as(recipe: Recipe, config, arch: str) -> bool:
     will convert the pruned model (a Llama with ``save_as: mistral``); raises InputError when it cannot."""
     if recipe.save_as == "auto":
         return False
-    from gqaprune.arch.convert import save_as_mistral_problem
-
     problem = save_as_mistral_problem(config)
     if problem:
         raise InputError(problem)
-    if arch.removeprefix("PerLayer") == "MistralForCausalLM":
+    if arch.removeprefix("PerLayer") == MISTRAL_TO:
         return False  # already a Mistral: saved as it is
     if getattr(config, "gqaprune_layers", None):
         raise InputError("save_as: mistral needs one shape in every layer, but the source model is per-layer-shaped "
@@ -149,8 +151,3 @@ def check_save_as(recipe: Recipe, config, arch: str) -> bool:
         raise InputError(f"save_as: mistral needs one shape in every layer; {', '.join(per_layer)} give per-layer "
                          "shapes (use allocation: uniform and no protect_layers, or save_as: auto)")
     return True
-
-
-def llama_stock_head_counts(config) -> list[int]:
-    """Head counts a stock LlamaConfig accepts for this hidden size (divisors of hidden_size up to the model's)."""
-    return [h for h in range(1, config.num_attention_heads + 1) if config.hidden_size % h == 0]

@@ -34,6 +34,9 @@ class ConfigKeys(_Strict):
     intermediate_size: str = "intermediate_size"
     per_layer_lists: list[str] = []  # config lists indexed by layer (e.g. layer_types), kept in step on layer drop
     layer_count_keys: list[str] = []  # config ints that count layers (e.g. max_window_layers), clipped on layer drop
+    # the stock config class refuses hidden_size % num_attention_heads != 0 (LlamaConfig, Gemma3TextConfig):
+    # a pruned head count that breaks it is saved with per-layer shapes
+    stock_head_count_divides_hidden: bool = False
 
 
 class ModelRoles(_Strict):
@@ -63,7 +66,9 @@ class LayerRoles(_Strict):
     gate_up_layout: GateUpLayout | None = None
     down: str
     input_norm: str  # normalises the attention's input
-    post_attention_norm: str | None = None  # normalises the MLP's input; absent when attention and MLP run in parallel (Phi-1/2)
+    # normalises the MLP's input (Gemma: pre_feedforward_layernorm); absent when attention and MLP run in
+    # parallel on the same normed input (Phi-1/2)
+    post_attention_norm: str | None = None
     # Normalisation applied to a sublayer's OUTPUT before the residual add (Gemma2/3, OLMo2):
     # h = h + post_attn_output_norm(attn(input_norm(h))), h = h + post_mlp_output_norm(mlp(post_attention_norm(h))).
     post_attn_output_norm: str | None = None
@@ -123,6 +128,29 @@ class EmbeddingSpec(_Strict):
     scale: Literal["none", "sqrt_hidden"] = "none"
 
 
+# Layer roles that are nn.Linear projections, and their (in, out) widths in terms of the layer's shape:
+# H query heads, K KV heads, D head_dim, E hidden_size, I MLP width.
+LINEAR_ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
+NORM_ROLES = ("input_norm", "post_attention_norm", "post_attn_output_norm", "post_mlp_output_norm", "q_norm", "k_norm")
+
+
+class AwqScaleGroup(_Strict):
+    """Linears that AutoAWQ scales with one per-channel scale, folded into the output of ``prev``
+    (a norm role, or the Linear role feeding them)."""
+
+    prev: str
+    linears: list[str]
+
+
+class AwqSpec(_Strict):
+    """How AutoAWQ quantizes this family; absent, the awq stage refuses the family. The scale groups are
+    AutoAWQ's own layout for ``model_type`` (awq/models/<type>.py); gqaprune quantizes every Linear they
+    name and checks those widths before any weights load."""
+
+    model_type: str
+    scale_groups: list[AwqScaleGroup]
+
+
 class Adapter(_Strict):
     """One architecture family. Unknown fields are errors."""
 
@@ -134,7 +162,23 @@ class Adapter(_Strict):
     layer: LayerRoles
     norm: NormSpec = NormSpec()
     embedding: EmbeddingSpec = EmbeddingSpec()
+    awq: AwqSpec | None = None
     source: str = ""  # file it was read from (filled by the loader)
+
+    @model_validator(mode="after")
+    def _awq_roles_exist(self):
+        for g in self.awq.scale_groups if self.awq else []:
+            for role in [g.prev, *g.linears]:
+                allowed = LINEAR_ROLES + NORM_ROLES if role == g.prev else LINEAR_ROLES
+                if role not in allowed or getattr(self.layer, role) is None:
+                    raise ValueError(f"awq.scale_groups: '{role}' is not a {'' if role == g.prev else 'Linear '}"
+                                     f"role this adapter defines")
+        return self
+
+    def awq_linear_roles(self) -> list[str]:
+        """The Linear roles AutoAWQ quantizes, in layer order (empty without an awq section)."""
+        named = {r for g in self.awq.scale_groups for r in g.linears} if self.awq else set()
+        return [r for r in LINEAR_ROLES if r in named]
 
 
 def builtin_adapter_dir() -> Path:
@@ -250,6 +294,14 @@ def layer_shape(layer: nn.Module, adapter: Adapter, head_dim: int) -> dict:
         n_kv = get_module(layer, r.k).out_features // head_dim
     down = get_module(layer, r.down)
     return {"num_attention_heads": n_heads, "num_key_value_heads": n_kv, "intermediate_size": down.in_features}
+
+
+def stock_head_counts(config, adapter: Adapter) -> list[int] | None:
+    """Head counts the stock config class accepts (None: any); see ConfigKeys.stock_head_count_divides_hidden."""
+    if not adapter.config.stock_head_count_divides_hidden:
+        return None
+    hidden, heads = int(cfg_get(config, adapter, "hidden_size")), int(cfg_get(config, adapter, "num_heads"))
+    return [h for h in range(1, heads + 1) if hidden % h == 0]
 
 
 def model_shapes(model: nn.Module, adapter: Adapter) -> list[dict]:

@@ -23,7 +23,9 @@ from torch import nn
 from gqaprune.errors import CheckFailed, InputError
 
 SAVE_AS_CHOICES = ("auto", "mistral")
-CONVERTIBLE = ("LlamaForCausalLM", "MistralForCausalLM")  # MistralForCausalLM: already Mistral, nothing to do
+# save_as: mistral maps this class onto that one (and the saved model's roles onto that builtin adapter)
+MISTRAL_FROM, MISTRAL_TO, MISTRAL_ADAPTER = "LlamaForCausalLM", "MistralForCausalLM", "mistral"
+CONVERTIBLE = (MISTRAL_FROM, MISTRAL_TO)  # MistralForCausalLM: already Mistral, nothing to do
 # LlamaConfig keys that MistralConfig does not have; dropped (after checking they change nothing)
 _LLAMA_ONLY = ("attention_bias", "mlp_bias", "pretraining_tp", "layer_types")
 _NOT_COPIED = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path",
@@ -195,7 +197,7 @@ def convert_for_save(model: nn.Module, adapter, save_as: str, probe: torch.Tenso
     from gqaprune.io.checkpoint import stock_class
     from gqaprune.runtime import log
 
-    if save_as != "mistral" or stock_class(model).__name__ != "LlamaForCausalLM":
+    if save_as != "mistral" or stock_class(model).__name__ != MISTRAL_FROM:
         return model, adapter, None
     model.eval()
     converted_from = stock_class(model).__name__
@@ -203,4 +205,4 @@ def convert_for_save(model: nn.Module, adapter, save_as: str, probe: torch.Tenso
     entry = {"architecture": stock_class(model).__name__, "converted_from": converted_from,
              "max_abs_logit_diff": conv_diff, "tolerance": CONVERT_TOL.get(dtype, 1e-5)}
     log(f"save_as: mistral: converted to {entry['architecture']}, max |logit diff| {conv_diff:.3g}")
-    return model, builtin_adapters()["mistral"], entry
+    return model, builtin_adapters()[MISTRAL_ADAPTER], entry

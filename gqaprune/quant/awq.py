@@ -19,8 +19,9 @@ AutoAWQ (``autoawq`` 0.2.9) is deprecated and no longer maintained upstream
 ``DeprecationWarning``; :func:`_import_awq` imports it inside
 ``warnings.catch_warnings(record=True)`` so the notice is swallowed and the
 global filters are restored. It still works with the installed torch /
-transformers for the architectures in :data:`AWQ_ARCHITECTURES`, which were
-each quantized and verified on this machine (see tests/quant/test_awq.py).
+transformers for the families whose adapter has an ``awq`` section (AutoAWQ model type and its
+scale groups: llama, mistral, qwen2, phi3), each quantized and verified on this machine (see
+tests/quant/test_awq.py). Module layouts come from the adapter, never from tables here.
 
 One AutoAWQ bug matters on CPU and is worked around here: its scale search keeps
 the "original" weights via ``.cpu()``, which on a CPU model aliases the live
@@ -53,20 +54,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from gqaprune.arch.adapter import Adapter, builtin_adapters, resolve_adapter
 from gqaprune.errors import CheckFailed, InputError
-
-# HF architecture name -> AutoAWQ model type. Only architectures that AutoAWQ
-# supports AND that were quantized + verified end to end here.
-AWQ_ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Phi3ForCausalLM": "phi3",
-}
-
-# Module layout of a decoder layer per AutoAWQ model type:
-# "split": q/k/v/o_proj + gate/up/down_proj; "fused": Phi-3 qkv_proj + gate_up_proj.
-_LAYOUT = {"llama": "split", "mistral": "split", "qwen2": "split", "phi3": "fused"}
 
 # AutoAWQ skips the clip search for Linears whose name contains one of these
 # (awq/quantize/quantizer.py, _search_best_clip); every other Linear is clipped,
@@ -224,29 +213,26 @@ def _linear_problem(where: str, name: str, in_f: int, out_f: int, group_size: in
     return out
 
 
-def _layer_linears(layout: str, hidden: int, heads: int, kv: int, inter: int, head_dim: int) -> list[tuple[str, int, int, str, str]]:
-    """(name, in, out, what_in, what_out) of the quantized Linears of one decoder layer."""
+def _layer_linears(adapter: Adapter, hidden: int, heads: int, kv: int, inter: int,
+                   head_dim: int) -> list[tuple[str, int, int, str, str]]:
+    """(module path, in, out, what_in, what_out) of the Linears AutoAWQ quantizes in one decoder layer."""
     hid = f"hidden_size {hidden}"
     q = f"num_attention_heads {heads} x head_dim {head_dim}"
     kvw = f"num_key_value_heads {kv} x head_dim {head_dim}"
     mlp = f"intermediate_size {inter}"
-    if layout == "fused":
-        qkv = f"(num_attention_heads {heads} + 2 x num_key_value_heads {kv}) x head_dim {head_dim}"
-        return [
-            ("self_attn.qkv_proj", hidden, (heads + 2 * kv) * head_dim, hid, qkv),
-            ("self_attn.o_proj", heads * head_dim, hidden, q, hid),
-            ("mlp.gate_up_proj", hidden, 2 * inter, hid, f"2 x {mlp}"),
-            ("mlp.down_proj", inter, hidden, mlp, hid),
-        ]
-    return [
-        ("self_attn.q_proj", hidden, heads * head_dim, hid, q),
-        ("self_attn.k_proj", hidden, kv * head_dim, hid, kvw),
-        ("self_attn.v_proj", hidden, kv * head_dim, hid, kvw),
-        ("self_attn.o_proj", heads * head_dim, hidden, q, hid),
-        ("mlp.gate_proj", hidden, inter, hid, mlp),
-        ("mlp.up_proj", hidden, inter, hid, mlp),
-        ("mlp.down_proj", inter, hidden, mlp, hid),
-    ]
+    qkv = f"(num_attention_heads {heads} + 2 x num_key_value_heads {kv}) x head_dim {head_dim}"
+    widths = {  # role -> (in, out, what_in, what_out)
+        "q": (hidden, heads * head_dim, hid, q),
+        "k": (hidden, kv * head_dim, hid, kvw),
+        "v": (hidden, kv * head_dim, hid, kvw),
+        "qkv": (hidden, (heads + 2 * kv) * head_dim, hid, qkv),
+        "o": (heads * head_dim, hidden, q, hid),
+        "gate": (hidden, inter, hid, mlp),
+        "up": (hidden, inter, hid, mlp),
+        "gate_up": (hidden, 2 * inter, hid, f"2 x {mlp}"),
+        "down": (inter, hidden, mlp, hid),
+    }
+    return [(getattr(adapter.layer, r), *widths[r]) for r in adapter.awq_linear_roles()]
 
 
 def _merge_by_layer(per_layer_msgs: list[list[str]]) -> list[str]:
@@ -269,16 +255,24 @@ def _merge_by_layer(per_layer_msgs: list[list[str]]) -> list[str]:
 
 
 def supported_architectures_text() -> str:
-    return ", ".join(sorted(AWQ_ARCHITECTURES))
+    return ", ".join(sorted(a for ad in builtin_adapters().values() if ad.awq for a in ad.architectures))
 
 
-def awq_width_problems(architecture: str, hidden_size: int, per_layer: list[dict], head_dim: int, group_size: int) -> list[str]:
+def unsupported_problem(adapter: Adapter) -> str | None:
+    if adapter.awq is not None:
+        return None
+    return (f"architecture {'/'.join(adapter.architectures)} is not supported by the AWQ stage (adapter "
+            f"'{adapter.name}' has no awq section); supported: {supported_architectures_text()}")
+
+
+def awq_width_problems(adapter: Adapter, hidden_size: int, per_layer: list[dict], head_dim: int,
+                       group_size: int) -> list[str]:
     """Human-readable reasons AutoAWQ (GEMM, 4 bit) cannot quantize a model of these shapes; empty if it can.
 
     ``per_layer`` items carry ``num_attention_heads``, ``num_key_value_heads`` and
     ``intermediate_size``. Rules (from AutoAWQ 0.2.9's source, confirmed by runs):
 
-    * the architecture must be one of :data:`AWQ_ARCHITECTURES`;
+    * the adapter must have an ``awq`` section (AutoAWQ's model type and scale groups);
     * ``group_size`` must be one of 32, 64, 128 (the GEMM kernels' sizes);
     * every quantized Linear's in-features must be a multiple of ``group_size``:
       ``hidden_size`` (q/k/v, gate/up, Phi-3 qkv/gate_up), heads x head_dim (o_proj),
@@ -293,15 +287,15 @@ def awq_width_problems(architecture: str, hidden_size: int, per_layer: list[dict
     folder is reloaded by AutoAWQ and transformers from the global config alone, which cannot
     describe them, so such an output would quantize but not reload.
     """
-    if architecture not in AWQ_ARCHITECTURES:
-        return [f"architecture {architecture} is not supported by the AWQ stage; supported: {supported_architectures_text()}"]
+    problem = unsupported_problem(adapter)
+    if problem:
+        return [problem]
     if group_size not in GROUP_SIZES:
         return [f"group_size {group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}"]
     if head_dim <= 0:
         return [f"head_dim {head_dim} must be positive"]
     if not per_layer:
         return ["the model has no decoder layers to quantize"]
-    layout = _LAYOUT[AWQ_ARCHITECTURES[architecture]]
     per_layer_msgs = []
     for i, layer in enumerate(per_layer):
         try:
@@ -313,7 +307,7 @@ def awq_width_problems(architecture: str, hidden_size: int, per_layer: list[dict
                 f"per_layer[{i}] needs integer num_attention_heads, num_key_value_heads, intermediate_size ({e})"
             ) from None
         msgs = []
-        for name, in_f, out_f, w_in, w_out in _layer_linears(layout, hidden_size, heads, kv, inter, head_dim):
+        for name, in_f, out_f, w_in, w_out in _layer_linears(adapter, hidden_size, heads, kv, inter, head_dim):
             msgs += _linear_problem(f"layer {i}", name, in_f, out_f, group_size, w_in, w_out)
         per_layer_msgs.append(msgs)
     return _merge_by_layer(per_layer_msgs)
@@ -494,6 +488,7 @@ def quantize_folder(
     seed: int = 0,
     save_dtype: torch.dtype | None = torch.float16,
     architecture: str | None = None,
+    adapter: Adapter | None = None,
     model_loader: Callable[[Path], nn.Module] | None = None,
     trust_remote_code: bool = False,
     progress: bool = False,
@@ -513,8 +508,9 @@ def quantize_folder(
 
     Loading: ``model_loader(src)`` if given; a per-layer-shaped gqaprune folder
     (``gqaprune_layers`` in config.json) with ``gqaprune.checkpoint.load_pretrained``;
-    else stock ``AutoModelForCausalLM.from_pretrained``. ``architecture`` overrides
-    ``config.architectures[0]`` for picking the AutoAWQ model type.
+    else stock ``AutoModelForCausalLM.from_pretrained``. ``adapter`` (default: the builtin adapter of
+    ``architecture``, itself defaulting to ``config.architectures[0]``) gives the AutoAWQ model type
+    and where the decoder layers are.
 
     Deterministic: same inputs give byte-identical safetensors (torch is seeded with
     ``seed``; AutoAWQ's search itself has no randomness).
@@ -538,9 +534,11 @@ def quantize_folder(
         qm = (cfg["quantization_config"] or {}).get("quant_method", "?")
         raise InputError(f"'{src}' is already quantized ({qm}); AWQ needs an unquantized model")
     arch = architecture or _architecture_of(cfg, src).removeprefix("PerLayer")
-    if arch not in AWQ_ARCHITECTURES:
-        raise InputError(f"architecture {arch} is not supported by the AWQ stage; supported: {supported_architectures_text()}")
-    model_type = AWQ_ARCHITECTURES[arch]
+    adapter = adapter or resolve_adapter("auto", [arch])
+    problem = unsupported_problem(adapter)
+    if problem:
+        raise InputError(problem)
+    model_type = adapter.awq.model_type
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise InputError(f"AWQ output '{dst}' already exists and is not empty")
 
@@ -571,7 +569,7 @@ def quantize_folder(
         raise InputError(f"cannot load the model in '{src}' for AWQ: {e}") from None
     model = model.to(calib_dtype).eval()
 
-    problems = _module_width_problems(model.model.layers, group_size)
+    problems = _module_width_problems(model.get_submodule(adapter.model.layers), group_size)
     if problems:
         raise InputError("AutoAWQ cannot quantize this model's shapes:\n  - " + "\n  - ".join(problems))
 

@@ -39,6 +39,7 @@ class Awq(Stage):
     writes_output = True
 
     def plan(self, shapes: list[dict], inp: PlanInput) -> Planned:
+        from gqaprune.arch.adapter import resolve_adapter
         from gqaprune.quant.awq import awq_width_problems
 
         per_layer = [stage_label(j, s) for j, s in enumerate(inp.earlier) if s.gives_per_layer_shapes()]
@@ -46,7 +47,9 @@ class Awq(Stage):
             raise InputError(f"{inp.where}: the awq stage quantizes a model with one shape in every layer; "
                              f"{', '.join(per_layer)} give per-layer shapes (use allocation: uniform and no "
                              "protect_layers before awq)")
-        problems = awq_width_problems(inp.saved_arch, getattr(inp.config, inp.adapter.config.hidden_size), shapes,
+        saved = inp.adapter if inp.saved_arch in inp.adapter.architectures else \
+            resolve_adapter("auto", [inp.saved_arch])  # save_as: mistral saves with the mistral adapter's roles
+        problems = awq_width_problems(saved, getattr(inp.config, inp.adapter.config.hidden_size), shapes,
                                       head_dim_of(inp.config, inp.adapter), self.cfg.group_size)
         if problems:
             raise InputError(f"{inp.where}: AutoAWQ cannot quantize what the earlier stages leave: "
@@ -80,7 +83,7 @@ def awq_output(model, adapter, tokenizer, awq_cfg, recipe, tmp: Path, probe, sav
         shutil.rmtree(tmp)
         info = quantize_folder(fp_dir, tmp, texts, w_bit=awq_cfg.w_bit, group_size=awq_cfg.group_size,
                                zero_point=awq_cfg.zero_point, max_calib_seq_len=awq_cfg.seq_len,
-                               n_samples=awq_cfg.samples)
+                               n_samples=awq_cfg.samples, adapter=adapter)
         verification = verify_awq_folder(tmp, reference_model=model, input_ids=probe)
         fp_bytes = sum(p.stat().st_size for p in fp_dir.glob("*.safetensors"))
     finally:

@@ -218,43 +218,49 @@ def test_cpu_safe_quantizer_keeps_awq_scaling_lossless():
 # --------------------------------------------------------------------------- (4) width rules
 
 
+def _ad(name):
+    from gqaprune.arch.adapter import builtin_adapters
+
+    return builtin_adapters()[name]
+
+
 def _layers(n=2, heads=8, kv=2, inter=512):
     return [{"num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": inter} for _ in range(n)]
 
 
 def test_width_problems_ok_shapes():
-    assert A.awq_width_problems("LlamaForCausalLM", 512, _layers(), 64, 128) == []
-    assert A.awq_width_problems("Phi3ForCausalLM", 128, _layers(heads=2, kv=1, inter=256), 64, 128) == []
+    assert A.awq_width_problems(_ad("llama"), 512, _layers(), 64, 128) == []
+    assert A.awq_width_problems(_ad("phi3"), 128, _layers(heads=2, kv=1, inter=256), 64, 128) == []
     # per-layer-different shapes are fine as long as each Linear is
     mixed = _layers(1) + _layers(1, heads=4, kv=1, inter=256)
-    assert A.awq_width_problems("Qwen2ForCausalLM", 512, mixed, 64, 128) == []
+    assert A.awq_width_problems(_ad("qwen2"), 512, mixed, 64, 128) == []
 
 
 def test_width_problems_name_the_bad_width():
-    p = A.awq_width_problems("PhiForCausalLM", 512, _layers(), 64, 128)
+    p = A.awq_width_problems(_ad("phi"), 512, _layers(), 64, 128)
     assert len(p) == 1 and "PhiForCausalLM" in p[0] and "LlamaForCausalLM" in p[0] and "Phi3ForCausalLM" in p[0]
 
-    p = A.awq_width_problems("LlamaForCausalLM", 512, _layers(inter=320), 64, 128)
+    p = A.awq_width_problems(_ad("llama"), 512, _layers(inter=320), 64, 128)
     assert any("every layer: mlp.down_proj in-features 320 (intermediate_size 320) is not a multiple of group_size 128" == m for m in p)
     assert not any("out-features 320" in m for m in p)  # 320 is a multiple of 64: only the in-width is bad
 
-    p = A.awq_width_problems("LlamaForCausalLM", 512, _layers(inter=544), 64, 128)
+    p = A.awq_width_problems(_ad("llama"), 512, _layers(inter=544), 64, 128)
     assert any("mlp.up_proj out-features 544" in m and "multiple of 64" in m for m in p)
 
-    p = A.awq_width_problems("LlamaForCausalLM", 320, _layers(heads=5, kv=1), 64, 128)
+    p = A.awq_width_problems(_ad("llama"), 320, _layers(heads=5, kv=1), 64, 128)
     assert any("hidden_size 320" in m and "self_attn.q_proj in-features" in m for m in p)
     assert any("self_attn.o_proj in-features 320 (num_attention_heads 5 x head_dim 64)" in m for m in p)
 
     # only layer 1 is bad: the message names it; head_dim 32 with 1 KV head -> v_proj out 32
     mixed = _layers(1, heads=8, kv=2) + _layers(1, heads=4, kv=1)
-    p = A.awq_width_problems("MistralForCausalLM", 512, mixed, 32, 128)
+    p = A.awq_width_problems(_ad("mistral"), 512, mixed, 32, 128)
     assert "layer 1: self_attn.v_proj out-features 32 (num_key_value_heads 1 x head_dim 32) is not a multiple of 64 (AutoAWQ's clip search needs it)" in p
     assert not any(m.startswith("layer 0") for m in p)
 
-    p = A.awq_width_problems("Phi3ForCausalLM", 512, _layers(heads=7, kv=1), 64, 128)
+    p = A.awq_width_problems(_ad("phi3"), 512, _layers(heads=7, kv=1), 64, 128)
     assert any("self_attn.o_proj in-features 448" in m for m in p)
 
-    p = A.awq_width_problems("LlamaForCausalLM", 512, _layers(), 64, 100)
+    p = A.awq_width_problems(_ad("llama"), 512, _layers(), 64, 100)
     assert p == ["group_size 100 is not supported; use one of 32, 64, 128"]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from torch import nn
@@ -365,3 +366,33 @@ def check_adapter_on_model(model: nn.Module, adapter: Adapter) -> None:
         o = get_module(layer, r.o)
         if o.out_features != hidden:
             raise InputError(f"{where}: role 'o' ({p}{r.o}) outputs {o.out_features}, hidden_size is {hidden}")
+    if next(model.parameters()).device.type != "meta":  # computing needs real weights (plan runs on meta)
+        check_norm_and_embedding(model, adapter)
+
+
+@torch.no_grad()
+def check_norm_and_embedding(model: nn.Module, adapter: Adapter) -> None:
+    """The adapter's ``norm`` and ``embedding`` sections describe what the modules compute: layer 0's input
+    norm on a probe vector with a non-zero mean against RMSNorm / LayerNorm with the declared weight offset,
+    and the embedding of token 1 against its weight row times the declared scale."""
+    where = f"adapter '{adapter.name}'"
+    norm = get_module(decoder_layers(model, adapter)[0], adapter.layer.input_norm)
+    w = norm.weight.detach().float().cpu()
+    x = torch.linspace(-1.0, 3.0, w.shape[0])  # (hidden,), mean 1: RMSNorm and LayerNorm differ on it
+    centred = x - x.mean() if adapter.norm.kind == "layer" else x
+    want = centred / centred.pow(2).mean().sqrt() * (adapter.norm.weight_offset + w)
+    bias = getattr(norm, "bias", None)
+    if bias is not None:
+        want = want + bias.detach().float().cpu()
+    got = norm(x.to(norm.weight)[None]).float().cpu()[0]
+    if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max())):
+        raise InputError(f"{where}: norm {{kind: {adapter.norm.kind}, weight_offset: {adapter.norm.weight_offset}}} "
+                         f"does not match what {adapter.layer.input_norm} computes; check the adapter's norm section")
+    embed = get_module(model, adapter.model.embed)
+    row = embed.weight[1].detach().float()
+    scale = float(cfg_get(model.config, adapter, "hidden_size")) ** 0.5 if adapter.embedding.scale == "sqrt_hidden" \
+        else 1.0
+    got = embed(torch.tensor([[1]], device=embed.weight.device)).float()[0, 0].cpu()
+    if not torch.allclose(got, row.cpu() * scale, rtol=2e-2, atol=1e-6):
+        raise InputError(f"{where}: embedding {{scale: {adapter.embedding.scale}}} does not match what "
+                         f"{adapter.model.embed} computes; check the adapter's embedding section")

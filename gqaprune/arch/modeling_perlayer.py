@@ -3,7 +3,7 @@
 This file is SELF-CONTAINED (torch, transformers and the standard library only): gqaprune copies it
 verbatim next to the weights of a per-layer-shaped model, and ``config.json`` points at it with
 
-    "auto_map": {"AutoModelForCausalLM": "modeling_perlayer.PerLayerLlamaForCausalLM"}
+    "auto_map": {"AutoModelForCausalLM": "modeling_perlayer.PerLayer<Stock>ForCausalLM"}
 
 so that stock ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` loads the model.
 
@@ -225,15 +225,10 @@ def per_layer_class(base: type) -> type:
     return cls
 
 
-PerLayerLlamaForCausalLM = per_layer_class(transformers.LlamaForCausalLM)
-PerLayerMistralForCausalLM = per_layer_class(transformers.MistralForCausalLM)
-PerLayerQwen2ForCausalLM = per_layer_class(transformers.Qwen2ForCausalLM)
-PerLayerPhi3ForCausalLM = per_layer_class(transformers.Phi3ForCausalLM)
-PerLayerPhiForCausalLM = per_layer_class(transformers.PhiForCausalLM)
-
-
 def __getattr__(name: str):
-    """``PerLayer<X>`` for any transformers class ``X`` (families beyond the five named above)."""
+    """``PerLayer<X>`` for any transformers class ``X``: config.json's auto_map names
+    ``modeling_perlayer.PerLayer<stock class>``, and transformers resolves it here by attribute lookup, so no
+    family is listed in this file."""
     if name.startswith(_PREFIX):
         base = getattr(transformers, name[len(_PREFIX):], None)
         if isinstance(base, type) and issubclass(base, nn.Module):
@@ -249,9 +244,4 @@ __all__ = [
     "per_layer_class",
     "reshape_layer",
     "sync_layer_attributes",
-    "PerLayerLlamaForCausalLM",
-    "PerLayerMistralForCausalLM",
-    "PerLayerQwen2ForCausalLM",
-    "PerLayerPhi3ForCausalLM",
-    "PerLayerPhiForCausalLM",
 ]

@@ -2,7 +2,8 @@
 
 import pytest
 
-from gqaprune.arch.adapter import check_adapter_on_model, load_adapter_file, model_shapes, resolve_adapter
+from gqaprune.arch.adapter import (builtin_adapters, check_adapter_on_model, load_adapter_file, model_shapes,
+                                   resolve_adapter)
 from gqaprune.errors import InputError
 from tiny import FAMILIES, tiny_model
 
@@ -87,3 +88,51 @@ def test_adapter_schema_rejects_bad_norm_and_embedding(tmp_path, extra, match):
     bad.write_text(_MINIMAL + extra)
     with pytest.raises(InputError, match=match):
         load_adapter_file(bad)
+
+
+def test_gqaprune_adapters_lists_qwen3_and_gemma3():
+    from click.testing import CliRunner
+
+    from gqaprune.cli import main
+
+    res = CliRunner().invoke(main, ["adapters"])
+    assert res.exit_code == 0
+    rows = {line.split()[0]: line.split()[1] for line in res.output.splitlines()}
+    assert rows["qwen3"] == "Qwen3ForCausalLM" and rows["gemma3"] == "Gemma3ForCausalLM"
+
+
+def _edited(tmp_path, family, old, new):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "adapters" / f"{family}.yaml").read_text()
+    assert old in text
+    user = tmp_path / "edited.yaml"
+    user.write_text(text.replace(old, new))
+    return load_adapter_file(user)
+
+
+@pytest.mark.parametrize("family, old, new, match", [
+    ("gemma3", "weight_offset: 1", "weight_offset: 0", r"norm \{kind: rms, weight_offset: 0\} does not match what "
+                                                       "input_layernorm computes"),
+    ("llama", "weight_offset: 0", "weight_offset: 1", r"norm \{kind: rms, weight_offset: 1\} does not match"),
+    ("phi", "kind: layer", "kind: rms", r"norm \{kind: rms, weight_offset: 0\} does not match"),
+    ("gemma3", "scale: sqrt_hidden", "scale: none", r"embedding \{scale: none\} does not match what "
+                                                     "model.embed_tokens computes"),
+    ("qwen3", "k_norm: self_attn.k_norm", "k_norm: input_layernorm",
+     r"role 'k_norm' \(model.layers.0.input_layernorm\) has 64 weights; a per-head norm has head_dim=16"),
+])
+def test_adapter_data_is_checked_against_what_the_model_computes(tmp_path, family, old, new, match):
+    adapter = _edited(tmp_path, family, old, new)
+    with pytest.raises(InputError, match=match):
+        check_adapter_on_model(tiny_model(family), adapter)
+
+
+def test_awq_scale_groups_name_roles_the_adapter_defines(tmp_path):
+    with pytest.raises(InputError, match=r"awq.scale_groups: 'qkv' is not a Linear role this adapter defines"):
+        _edited(tmp_path, "llama", "linears: [q, k, v]", "linears: [qkv]")
+    with pytest.raises(InputError, match=r"'post_mlp_output_norm' is not a role this adapter defines"):
+        _edited(tmp_path, "llama", "prev: post_attention_norm", "prev: post_mlp_output_norm")
+    known = builtin_adapters()
+    assert known["qwen2"].awq_linear_roles() == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert known["phi3"].awq_linear_roles() == ["qkv", "o", "gate_up", "down"]
+    assert known["gemma3"].awq is None  # not verified with AutoAWQ here: the stage refuses it

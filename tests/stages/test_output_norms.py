@@ -142,3 +142,13 @@ def test_neuron_repair_through_the_post_mlp_output_norm_is_exact():
     ref = _logits(dense, ids)
     torch.testing.assert_close(_logits(repaired, ids), ref, atol=2e-4, rtol=0)
     assert float((_logits(sliced, ids) - ref).abs().max()) > 1e-4
+
+
+def test_awq_is_refused_for_a_family_whose_adapter_has_no_awq_section():
+    with pytest.raises(InputError, match=r"stages\[1\] awq: AutoAWQ cannot quantize what the earlier stages leave: "
+                                         r"architecture Gemma3ForCausalLM is not supported by the AWQ stage \(adapter "
+                                         r"'gemma3' has no awq section\); supported: LlamaForCausalLM"):
+        model = tiny_model("gemma3")
+        recipe = Recipe(model="x", output="o", stages=[{"type": "neuron_prune", "keep": 64, "align": 64},
+                                                       {"type": "awq"}])
+        simulate(recipe, model.config, resolve_adapter("auto", model.config.architectures))

@@ -20,7 +20,7 @@ AutoAWQ (``autoawq`` 0.2.9) is deprecated and no longer maintained upstream
 ``warnings.catch_warnings(record=True)`` so the notice is swallowed and the
 global filters are restored. It still works with the installed torch /
 transformers for the families whose adapter has an ``awq`` section (AutoAWQ model type and its
-scale groups: llama, mistral, qwen2, phi3), each quantized and verified on this machine (see
+scale groups: llama, mistral, qwen2, qwen3, phi3), each quantized and verified on this machine (see
 tests/quant/test_awq.py). Module layouts come from the adapter, never from tables here.
 
 One AutoAWQ bug matters on CPU and is worked around here: its scale search keeps

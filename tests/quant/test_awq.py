@@ -66,10 +66,11 @@ def _model(family: str, hidden=HIDDEN, inter=INTER, heads=2, kv=1, seed=0, **ext
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
         "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
         "phi": (tf.PhiConfig, tf.PhiForCausalLM),
     }[family]
-    if family in ("llama", "mistral", "qwen2"):
+    if family in ("llama", "mistral", "qwen2", "qwen3"):
         kw["head_dim"] = HEAD_DIM
     torch.manual_seed(seed)
     cfg = cfg_cls(**kw)
@@ -452,15 +453,17 @@ def test_import_is_quiet_and_keeps_warning_filters():
 # --------------------------------------------------------------------------- other architectures
 
 
-@pytest.mark.parametrize("family", ["qwen2", "phi3", "mistral"])
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "mistral", "qwen3"])
 def test_other_architectures_quantize_and_verify(family, tmp_path):
     # qwen2 also covers tied embeddings (lm_head saved once, as the embedding)
     model = _model(family, **({"tie_word_embeddings": True} if family == "qwen2" else {}))
-    if family == "qwen2":  # q/k/v biases: make them non-trivial so bias handling is tested
+    if family in ("qwen2", "qwen3"):  # q/k/v biases, q/k norms: non-trivial so their handling is tested
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n.endswith("bias"):
                     p.normal_(0, 0.1)
+                elif n.endswith(("q_norm.weight", "k_norm.weight")):
+                    p.uniform_(0.5, 1.5)
     src = _save(model, tmp_path / "src")
     info = A.quantize_folder(src, tmp_path / "awq", _texts()[:200], **CALIB)
     assert info["awq_model_type"] == family

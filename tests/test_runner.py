@@ -115,6 +115,34 @@ def test_run_other_families(tmp_path, family):
                                                    "intermediate_size": 48}
 
 
+def test_gemma3_layer_types_survive_every_stage_and_layer_drop_repair_resolves_to_none(tmp_path):
+    # 4 layers typed sliding, sliding, full, sliding (window 4); layer_drop's default reconstruct resolves to
+    # none (post_mlp_output_norm), heads and channels are pruned with repair, and the saved config keeps the
+    # surviving layers' types; the round trip compares logits of the reloaded folder.
+    import json
+
+    from tiny import save_tiny
+
+    from gqaprune.runner import run
+
+    src = tmp_path / "gemma3"
+    save_tiny("gemma3", src, num_hidden_layers=4)
+    recipe = _recipe(tmp_path, src, "  - {type: layer_drop, num_layers: 1}\n"
+                                    "  - {type: head_prune, unit: group, keep_kv_heads: 1}\n"
+                                    "  - {type: neuron_prune, prune_ratio: 0.5, align: 16}\n")
+    rep = run(str(recipe), progress=False)
+    assert rep["roundtrip"]["ok"] and rep["roundtrip"]["max_abs_logit_diff"] <= 1e-4
+    drop = rep["stages"][0]
+    assert drop["reconstruct"] == "none" and drop["repairs"] == [] and "post_mlp_output_norm" in drop["note"]
+    assert any("reconstruct resolves to none" in n for n in rep["plan"][1]["notes"])
+    types = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["layer_types"] == [types[i] for i in range(4) if i not in drop["dropped_layers"]]
+    assert saved["num_hidden_layers"] == 3 and saved["architectures"] == ["Gemma3ForCausalLM"]
+    assert rep["shapes_after"]["per_layer"] == [{"num_attention_heads": 4, "num_key_value_heads": 1,
+                                                 "intermediate_size": 48}] * 3
+
+
 def test_global_allocation_gives_per_layer_output_that_reloads(tmp_path, llama_dir):
     from transformers import AutoModelForCausalLM
 

@@ -1,0 +1,142 @@
+"""Hidden-size surgery == masking; rotation keeps the function; repair is never worse than slicing."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from gqaprune.arch.adapter import decoder_layers, get_module, resolve_adapter
+from gqaprune.ops.hidden import (is_tied, layer_norm_paths, pca_rotation, prune_hidden, repair_readers,
+                                 rotate_residual, rotation_problem, writers)
+from tiny import FAMILIES, tiny_inputs, tiny_model
+
+RMS_FAMILIES = [f for f in FAMILIES if f != "phi"]
+KEEP = sorted(set(range(64)) - {0, 3, 4, 17, 30, 31, 45, 50, 62, 63})  # 54 of 64 channels, scattered
+
+
+def _model(family, tied):
+    model = tiny_model(family)
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    return model, resolve_adapter("auto", model.config.architectures)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def _masked_reference(model, adapter, keep):
+    """The original model with the removed channels zeroed in the embedding and in every output projection
+    (rows and bias), and every norm computed over the kept channels only (zero on the removed ones)."""
+    ref = copy.deepcopy(model)
+    removed = sorted(set(range(model.config.hidden_size)) - set(keep))
+    k = torch.tensor(keep)
+    with torch.no_grad():
+        get_module(ref, adapter.model.embed).weight[:, removed] = 0
+        for layer in decoder_layers(ref, adapter):
+            for path in writers(adapter):
+                lin = get_module(layer, path)
+                lin.weight[removed, :] = 0
+                if lin.bias is not None:
+                    lin.bias[removed] = 0
+
+    def norm_over_kept(mod, args, out):
+        x = args[0][..., k].float()
+        if isinstance(mod, nn.LayerNorm):
+            y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + mod.eps)
+            y = y * mod.weight[k] + mod.bias[k]
+        else:
+            y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + mod.variance_epsilon) * mod.weight[k]
+        full = torch.zeros_like(out)
+        full[..., k] = y.to(out.dtype)
+        return full
+
+    norms = [get_module(ref, adapter.model.final_norm)]
+    for layer in decoder_layers(ref, adapter):
+        norms += [get_module(layer, p) for p in layer_norm_paths(adapter)]
+    for norm in norms:
+        norm.register_forward_hook(norm_over_kept)
+    return ref
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tied", [False, True])
+def test_hidden_slicing_equals_masked_reference(family, tied):
+    model, adapter = _model(family, tied)
+    ref = _masked_reference(model, adapter, KEEP)
+    prune_hidden(model, adapter, torch.tensor(KEEP))
+    ids = tiny_inputs()
+    torch.testing.assert_close(_logits(model, ids), _logits(ref, ids), atol=1e-5, rtol=0)
+    assert model.config.hidden_size == 54 and model.config.head_dim == 16
+    assert get_module(model, adapter.model.embed).weight.shape == (96, 54)
+    assert is_tied(model, adapter) == tied
+    for layer in decoder_layers(model, adapter):
+        assert get_module(layer, adapter.layer.o).out_features == 54
+        assert get_module(layer, adapter.layer.down).out_features == 54
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ids1 = tiny_inputs(batch=1, seq=5)
+    with torch.no_grad():  # the KV cache path agrees with the no-cache path at the new width
+        assert torch.equal(model.generate(ids1, use_cache=True, **kw), model.generate(ids1, use_cache=False, **kw))
+
+
+def _random_orthogonal(n, seed=0):
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+@pytest.mark.parametrize("family", RMS_FAMILIES)
+@pytest.mark.parametrize("tied", [False, True])
+def test_rotation_alone_keeps_the_logits(family, tied):
+    model, adapter = _model(family, tied)
+    ids = tiny_inputs()
+    before = _logits(model, ids)
+    calib = tiny_inputs(batch=4, seq=16, seed=3)
+    q, evals = pca_rotation(model, adapter, calib, batch_size=2, progress=False)
+    assert bool((evals[:-1] >= evals[1:]).all())
+    rotate_residual(model, adapter, q)
+    torch.testing.assert_close(_logits(model, ids), before, atol=1e-4, rtol=0)
+    assert not is_tied(model, adapter) and model.config.tie_word_embeddings is False  # the head carries the norm
+    norms = [get_module(model, adapter.model.final_norm)] + [
+        get_module(layer, p) for layer in decoder_layers(model, adapter) for p in layer_norm_paths(adapter)]
+    assert all(bool((n.weight == 1).all()) for n in norms)
+    # a different (random) orthogonal matrix also keeps them: nothing depends on Q being PCA's
+    rotate_residual(model, adapter, _random_orthogonal(64))
+    torch.testing.assert_close(_logits(model, ids), before, atol=1e-4, rtol=0)
+
+
+def test_rotation_refuses_layernorm_with_the_reason():
+    model, adapter = _model("phi", False)
+    assert "LayerNorm" in rotation_problem(model, adapter) and "subtracts the channel mean" in rotation_problem(model, adapter)
+    assert rotation_problem(*_model("llama", False)) is None
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "phi"])
+def test_repair_is_never_worse_than_slicing_and_lowers_the_error(family):
+    model, adapter = _model(family, False)
+    calib = tiny_inputs(batch=8, seq=16, seed=5)
+    dense = copy.deepcopy(model)
+    prune_hidden(model, adapter, torch.tensor(KEEP))
+    sliced = copy.deepcopy(model)
+    report = repair_readers(dense, model, adapter, calib, batch_size=4, progress=False)
+    errs = [e for layer in report["layers"] for k, e in layer.items() if k != "layer"] + [report["lm_head"]]
+    readers_per_layer = {"llama": 5, "qwen2": 5, "phi3": 2, "phi": 4}[family]  # q k v gate up | qkv gate_up | q k v fc1
+    assert len(errs) == 3 * readers_per_layer + 1
+    for e in errs:
+        assert 0 <= e["rel_error_lsq"] <= e["rel_error_slice"] + 1e-12
+    assert sum(e["rel_error_lsq"] for e in errs) < 0.9 * sum(e["rel_error_slice"] for e in errs)
+
+    def loss(m):
+        with torch.no_grad():
+            return float(m(input_ids=calib, labels=calib, use_cache=False).loss)
+
+    def dense_kl(m):  # distance to the unpruned model's next-token distributions on the calibration tokens
+        with torch.no_grad():
+            p = torch.log_softmax(dense(input_ids=calib, use_cache=False).logits, -1)
+            q = torch.log_softmax(m(input_ids=calib, use_cache=False).logits, -1)
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    assert dense_kl(model) < dense_kl(sliced)
+    assert torch.isfinite(torch.tensor(loss(model)))

@@ -204,7 +204,8 @@ def _run_stages(ctx: RunContext, eval_cfg, kv_bytes: int) -> tuple[list[dict], o
 
 def _save_and_reload(model, adapter, tokenizer, awq_cfg, recipe, tmp: Path, probe, device, save_dtype, progress):
     """Save into ``tmp`` (or quantize, with an awq stage), reload from disk and compare logits on ``probe``.
-    Returns (reloaded model, {"kind", "loader", "params_after", "per_layer"}, report["roundtrip"], report["awq"])."""
+    Returns (reloaded model, {"kind", "loader", "params_after", "per_layer", "hidden_size"}, report["roundtrip"],
+    report["awq"])."""
     from gqaprune.io.checkpoint import load_pretrained, save_model  # looked up at call time (tests replace them)
 
     tmp.mkdir(parents=True)  # (creates the output's parent folders too)
@@ -223,6 +224,7 @@ def _save_and_reload(model, adapter, tokenizer, awq_cfg, recipe, tmp: Path, prob
                                                         save_dtype, progress)
         saved = {"kind": kind, "loader": loader, "params_after": awq_report["params_fp"],
                  "per_layer": awq_report["per_layer"]}
+    saved["hidden_size"] = int(getattr(reloaded.config, adapter.config.hidden_size))  # hidden_prune changes it
     with torch.no_grad():
         new_logits = reloaded(input_ids=probe.to(device), use_cache=False).logits.float().cpu()
     diff = float((new_logits - ref_logits).abs().max())

@@ -32,7 +32,7 @@ def build_report(*, recipe, recipe_text: str, recipe_path, command: str, config,
                  plans, stage_reports: list, before: dict, after: dict, gates: dict, params_before: int,
                  kv_before: int, output: dict, roundtrip: dict, awq_report: dict | None, save_as: dict | None,
                  timings: dict, runtime: dict) -> dict:
-    """The report of a finished run. ``output``: {"kind", "loader", "params_after", "per_layer"} of the saved
+    """The report of a finished run. ``output``: {"kind", "loader", "params_after", "per_layer", "hidden_size"} of the saved
     model; ``inputs``: the run's model folder, calibration windows and evaluation tokens."""
     per_layer = output["per_layer"]
     report = {
@@ -55,7 +55,7 @@ def build_report(*, recipe, recipe_text: str, recipe_path, command: str, config,
                                            else kv_before),
         "stages": stage_reports,
         "shapes_after": {"num_hidden_layers": len(per_layer), "head_dim": getattr(config, "head_dim", None),
-                         "per_layer": per_layer},
+                         "hidden_size": output["hidden_size"], "per_layer": per_layer},
         "plan": [p.as_dict() for p in plans],
         "roundtrip": roundtrip,
         "eval": {"before": before, "after": after,

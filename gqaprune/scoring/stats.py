@@ -96,7 +96,7 @@ def attach_hooks(root: nn.Module, stats: Stats, *, taylor_paths: list[str] = (),
             store[path] = LinearSums(torch.zeros(out_f), torch.zeros(in_f))
         lin.weight.requires_grad_(True)
         handles.append(lin.weight.register_post_accumulate_grad_hook(grad_hook_for(path, False)))
-        if lin.bias is not None:
+        if getattr(lin, "bias", None) is not None:  # (an nn.Embedding has no bias)
             lin.bias.requires_grad_(True)
             handles.append(lin.bias.register_post_accumulate_grad_hook(grad_hook_for(path, True)))
 

@@ -49,11 +49,11 @@ def heads_removed(cfg, n_q: int, n_kv: int, stage: str = "head_prune") -> int:
                        f" (keep_q_per_kv 1..{group - 1})")
 
 
-def aligned_keep(width: int, cfg, stage: str = "neuron_prune") -> tuple[int, int]:
+def aligned_keep(width: int, cfg, stage: str = "neuron_prune", what: str = "intermediate size") -> tuple[int, int]:
     """(kept width, width before alignment): kept is a multiple of align, rounded down only as needed."""
     want = cfg.keep if cfg.keep is not None else round(width * (1 - cfg.prune_ratio))
     if cfg.keep is not None and not 1 <= cfg.keep < width:
-        raise InputError(f"{stage}: keep {cfg.keep} must be between 1 and {width - 1} (intermediate size {width})")
+        raise InputError(f"{stage}: keep {cfg.keep} must be between 1 and {width - 1} ({what} {width})")
     kept = (want // cfg.align) * cfg.align
     if kept < cfg.align or kept >= width:
         raise InputError(f"{stage}: keeping {want} of {width} channels aligned to {cfg.align} leaves {kept}; "

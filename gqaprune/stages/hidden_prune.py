@@ -1,0 +1,116 @@
+"""hidden_prune: remove residual-stream channels (hidden_size) from every matrix that touches the stream.
+
+Optionally rotates the stream onto its principal directions first (``rotate: pca``, one Q for the whole
+model so the architecture stays stock), scores the channels, slices them everywhere (gqaprune.ops.hidden)
+and refits the input projections layer by layer (``reconstruct: least_squares``).
+
+Scores (higher = kept): activation (Minitron: per-channel L2 over the calibration tokens of each norm's
+output, i.e. of what every reader sees, summed over the readers' sites), magnitude (L2 of every weight on
+the channel: embedding column, reader columns, writer rows, untied LM-head column), taylor (|w*g| summed
+over those weights, LM loss on the calibration windows), random (seeded).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from gqaprune.arch.adapter import Adapter, decoder_layers, get_module
+from gqaprune.context import RunContext
+from gqaprune.ops.hidden import (is_tied, pca_rotation, prune_hidden, reader_groups, repair_readers, rotate_residual,
+                                 rotation_problem, writers)
+from gqaprune.errors import InputError
+from gqaprune.recipe import HiddenPruneStage
+from gqaprune.scoring.stats import collect_stats
+from gqaprune.stages.amounts import aligned_keep
+
+
+def kept_width(width: int, cfg: HiddenPruneStage, where: str = "hidden_prune") -> tuple[int, int]:
+    """(kept hidden size, width before alignment)."""
+    return aligned_keep(width, cfg, where, what="hidden size")
+
+
+def _stream_paths(model, adapter: Adapter) -> tuple[list[str], list[str]]:
+    """Full module paths of (readers incl. an untied LM head, writers)."""
+    readers, outs = [], []
+    for i in range(len(decoder_layers(model, adapter))):
+        prefix = f"{adapter.model.layers}.{i}."
+        readers += [prefix + p for _, group in reader_groups(adapter) for p in group]
+        outs += [prefix + p for p in writers(adapter)]
+    if not is_tied(model, adapter):
+        readers.append(adapter.model.lm_head)
+    return readers, outs
+
+
+def channel_scores(ctx: RunContext, score: str, width: int) -> torch.Tensor:
+    """(width,) importance of each residual-stream channel of ``ctx.model`` as it is now."""
+    model, adapter = ctx.model, ctx.adapter
+    readers, outs = _stream_paths(model, adapter)
+    embed = adapter.model.embed
+    if score == "random":
+        return torch.rand(width, generator=ctx.generator(4000))
+    if score == "magnitude":
+        s = get_module(model, embed).weight.detach().float().pow(2).sum(0)
+        s = s + sum(get_module(model, p).weight.detach().float().pow(2).sum(0) for p in readers)
+        s = s + sum(get_module(model, p).weight.detach().float().pow(2).sum(1) for p in outs)
+        s = s + sum(get_module(model, p).bias.detach().float().pow(2) for p in outs if get_module(model, p).bias is not None)
+        return s.sqrt()
+    if score == "taylor":
+        stats = collect_stats(model, ctx.calib, taylor_paths=[embed] + readers + outs, batch_size=ctx.batch_size,
+                              progress=ctx.progress, desc="hidden channel scores (taylor)")
+        return (stats.taylor[embed].cols + sum(stats.taylor[p].cols for p in readers)
+                + sum(stats.taylor[p].rows for p in outs))
+    if score == "activation":  # one site per norm output: the first reader of each group, and the LM head
+        sites = []
+        for i in range(len(decoder_layers(model, adapter))):
+            sites += [f"{adapter.model.layers}.{i}.{group[0]}" for _, group in reader_groups(adapter)]
+        sites.append(adapter.model.lm_head)
+        stats = collect_stats(model, ctx.calib, input_paths=sites, batch_size=ctx.batch_size, progress=ctx.progress,
+                              desc="hidden channel scores (activation)")
+        return sum(stats.sq[p].sqrt() for p in sites)
+    raise ValueError(score)  # pragma: no cover
+
+
+class HiddenPrune:
+    def __init__(self, cfg: HiddenPruneStage):
+        self.cfg = cfg
+
+    def apply(self, ctx: RunContext) -> dict:
+        c, model, adapter = self.cfg, ctx.model, ctx.adapter
+        width = int(getattr(model.config, adapter.config.hidden_size))
+        keep_n, want = kept_width(width, c)
+        entry: dict = {"score": c.score, "rotate": c.rotate, "reconstruct": c.reconstruct, "align": c.align,
+                       "hidden_size_before": width, "alignment_rounded_down_by": want - keep_n}
+        if c.rotate == "pca":
+            problem = rotation_problem(model, adapter)
+            if problem:
+                raise InputError(f"hidden_prune: {problem}")
+            entry["untied_lm_head"] = is_tied(model, adapter)
+            q, evals = pca_rotation(model, adapter, ctx.calib, ctx.batch_size, ctx.progress)
+            rotate_residual(model, adapter, q)
+            entry["pca_variance_kept_top"] = float(evals[:keep_n].sum() / evals.sum().clamp_min(1e-300))
+        scores = channel_scores(ctx, c.score, width).float()
+        assert scores.shape == (width,), scores.shape
+        order = torch.argsort(scores, descending=True, stable=True)
+        keep = torch.sort(order[:keep_n]).values
+        dense = copy.deepcopy(model).eval() if c.reconstruct == "least_squares" else None
+        prune_hidden(model, adapter, keep)
+        if dense is not None:
+            errors = repair_readers(dense, model, adapter, ctx.calib, ctx.batch_size, c.reconstruct_damp, ctx.progress)
+            del dense
+            entry["repair"] = _summarise(errors)
+        entry["hidden_size_after"] = keep_n
+        entry["score_summary"] = {"min": float(scores.min()), "median": float(scores.median()),
+                                  "max": float(scores.max()), "kept_fraction_of_total": float(scores[keep].sum() / scores.sum())}
+        return entry
+
+
+def _summarise(errors: dict) -> dict:
+    """Per-layer reader errors as they are, plus the mean over all readers (slice vs repaired)."""
+    flat = [e for layer in errors["layers"] for k, e in layer.items() if k != "layer"]
+    if isinstance(errors["lm_head"], dict):
+        flat.append(errors["lm_head"])
+    return {"mean_rel_error_slice": sum(e["rel_error_slice"] for e in flat) / len(flat),
+            "mean_rel_error_lsq": sum(e["rel_error_lsq"] for e in flat) / len(flat),
+            "layers": errors["layers"], "lm_head": errors["lm_head"]}

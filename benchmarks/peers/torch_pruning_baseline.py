@@ -384,3 +384,53 @@ def tp_prune_mlp(model, calib: torch.Tensor, channel_ratio: float, importance: s
     note = f"Torch-Pruning {TP_VERSION} MetaPruner ({importance}); MLP intermediate channels only"
     return {"heads_per_layer": heads, "kv_heads_per_layer": kv, "intermediate_per_layer": inter,
             "params": _n_params(model), "seconds": seconds, "note": note}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hidden size (residual-stream width)
+
+
+def tp_prune_hidden(model, calib: torch.Tensor, hidden_ratio: float, importance: str = "magnitude",
+                    round_to: int | None = None) -> dict:
+    """Remove ``hidden_ratio`` of the hidden size (embedding columns, norms, every projection's stream side)
+    in place, as Torch-Pruning's hidden-size group does it. Heads and MLP channels are frozen by putting the
+    projections that read the stream (q/k/v, gate/up or fused, fc1) in ``ignored_layers`` with the LM head:
+    then the only group left with a root is the residual stream (rooted at o_proj/down_proj outputs)."""
+    if not available():
+        raise RuntimeError(f"torch-pruning is not installed (pip install torch-pruning=={TP_VERSION})")
+    if not 0.0 < hidden_ratio < 1.0:
+        raise ValueError("hidden_ratio must be in (0, 1)")
+    cfg = model.config
+    layers = _decoder_layers(model)
+    head_dim = _head_dim(model, layers[0].self_attn)
+    tied = _lm_head(model).weight is model.get_input_embeddings().weight
+    t0 = time.perf_counter()
+    with _eager_no_cache(model):
+        ignored: list[nn.Module] = [_lm_head(model)]
+        for layer in layers:
+            a = layer.self_attn
+            ignored += [m for n, m in a.named_children() if isinstance(m, nn.Linear) and m is not _out_proj(a)]
+            first, down, _fused = _mlp_in_out(layer.mlp)
+            ignored += [m for m in _mlp_linears(layer.mlp) if m is not down]
+        _run_pruner(model, calib, importance, ignored, pruning_ratio=hidden_ratio, num_heads={},
+                    out_channel_groups={}, head_pruning_ratio=0.0, round_to=round_to)
+        width = model.get_input_embeddings().weight.shape[1]
+        for layer in layers:
+            if _out_proj(layer.self_attn).out_features != width or _mlp_in_out(layer.mlp)[1].out_features != width:
+                raise RuntimeError("Torch-Pruning left output projections that do not match the embedding width")
+        for m in model.modules():  # norms keep their normalised shape (nn.LayerNorm reads it in forward)
+            if isinstance(getattr(m, "normalized_shape", None), tuple) and m.weight is not None:
+                m.normalized_shape = tuple(m.weight.shape)
+        if tied:  # TP slices the two (shared) parameters separately, with the same channels: share them again
+            head, embed = _lm_head(model), model.get_input_embeddings()
+            if not torch.equal(head.weight, embed.weight):
+                raise RuntimeError("Torch-Pruning cut different channels from the tied embedding and LM head")
+            head.weight = embed.weight
+        cfg.head_dim = head_dim
+        cfg.hidden_size = width
+        _check_finite(model, calib)
+    seconds = time.perf_counter() - t0
+    import torch_pruning
+
+    note = f"Torch-Pruning {torch_pruning.__version__} MetaPruner ({importance}, local); hidden size only"
+    return {"hidden_size": width, "params": _n_params(model), "seconds": seconds, "note": note}

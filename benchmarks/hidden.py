@@ -1,0 +1,145 @@
+"""hidden_prune on one model: held-out perplexity at 10/20/30% of the hidden size removed.
+
+Rows per budget: every score with and without least-squares repair (rotate none), activation with
+rotate: pca (repair on and off), and Torch-Pruning's hidden-size pruning (magnitude, taylor) at the same
+kept width. Same calibration windows and evaluation tokens for every row; no recovery. Kept widths are
+multiples of 8 (align 8). Rows are written to results/hidden_<model>.json as they finish (--resume skips
+rows already there) and rendered to results/hidden.md.
+
+    python -m benchmarks.hidden --model builtin:tiny-llama
+    python -m benchmarks.hidden --model path/to/hf-folder --name smollm2-135m --samples 16 --eval-tokens 8192
+    python -m benchmarks.hidden --render
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import context, table, write_result
+from gqaprune.evaluation.perplexity import perplexity
+from gqaprune.io.checkpoint import load_pretrained
+from gqaprune.io.data import calibration_windows, token_stream
+from gqaprune.io.sources import load_tokenizer, resolve_model
+from gqaprune.recipe import HiddenPruneStage
+from gqaprune.stages.hidden_prune import HiddenPrune
+
+RESULTS = Path(__file__).parent / "results"
+RATIOS = (0.1, 0.2, 0.3)
+SCORES = ("activation", "magnitude", "taylor", "random")
+
+
+def rows_for(ratio: float, quick: bool) -> list[dict]:
+    rows = [{"ratio": ratio, "method": "gqaprune", "score": s, "rotate": "none", "reconstruct": r}
+            for s in (SCORES[:1] if quick else SCORES) for r in ("none", "least_squares")]
+    rows += [{"ratio": ratio, "method": "gqaprune", "score": "activation", "rotate": "pca", "reconstruct": r}
+             for r in ("none", "least_squares")]
+    rows += [{"ratio": ratio, "method": "torch_pruning", "score": s} for s in ("magnitude", "taylor")]
+    return rows
+
+
+def key(row: dict) -> str:
+    return "|".join(f"{k}={row[k]}" for k in sorted(row) if k in ("ratio", "method", "score", "rotate", "reconstruct"))
+
+
+def measure(row: dict, folder, calib, eval_tokens, align: int) -> dict:
+    model = load_pretrained(folder).eval()
+    params_before = sum(p.numel() for p in model.parameters())
+    width = model.config.hidden_size
+    t = time.perf_counter()
+    if row["method"] == "gqaprune":
+        stage = {"type": "hidden_prune", "prune_ratio": row["ratio"], "align": align, "score": row["score"],
+                 "rotate": row["rotate"], "reconstruct": row["reconstruct"]}
+        rep = HiddenPrune(HiddenPruneStage(**stage)).apply(context(model, calib, stage))
+        extra = {"mean_rel_error_slice": rep.get("repair", {}).get("mean_rel_error_slice"),
+                 "mean_rel_error_lsq": rep.get("repair", {}).get("mean_rel_error_lsq"),
+                 "untied_lm_head": rep.get("untied_lm_head", False)}
+    else:
+        from benchmarks.peers.torch_pruning_baseline import tp_prune_hidden
+
+        kept = int(round(width * (1 - row["ratio"]))) // align * align  # the same kept width as gqaprune's
+        rep = tp_prune_hidden(model, calib, 1 - kept / width, row["score"], round_to=align)
+        extra = {"note": rep["note"]}
+    seconds = time.perf_counter() - t
+    ppl = perplexity(model, eval_tokens, 128, None, 8, progress=False)["perplexity"]
+    return {**row, **extra, "hidden_size": model.config.hidden_size, "hidden_size_before": width,
+            "params": sum(p.numel() for p in model.parameters()), "params_before": params_before,
+            "ppl": ppl, "seconds": round(seconds, 1)}
+
+
+def render() -> str:
+    parts = ["# hidden_prune: held-out perplexity after removing hidden-size channels\n",
+             "builtin:pydoc validation tokens, 128-token windows; no recovery. `python -m benchmarks.hidden`.\n"]
+    for path in sorted(RESULTS.glob("hidden_*.json")):
+        data = json.loads(path.read_text())
+        parts.append(f"\n## {data['model']} (dense perplexity {data['dense_ppl']:.2f}, hidden {data['hidden_size']}, "
+                     f"{data['params']:,} parameters; calibration {data['samples']} x 128 tokens, "
+                     f"{data['eval_tokens']} evaluation tokens)\n")
+        rows = []
+        for r in sorted(data["rows"].values(), key=lambda r: (r["ratio"], r["method"], r.get("rotate", ""),
+                                                               r["score"], r.get("reconstruct", ""))):
+            how = (f"gqaprune {r['score']}, rotate {r['rotate']}, reconstruct {r['reconstruct']}"
+                   if r["method"] == "gqaprune" else f"Torch-Pruning {r['score']}")
+            err = (f"{r['mean_rel_error_slice']:.3f} -> {r['mean_rel_error_lsq']:.3f}"
+                   if r.get("mean_rel_error_lsq") is not None else "-")
+            rows.append([f"{r['ratio']:.0%}", how, f"{r['hidden_size_before']} -> {r['hidden_size']}",
+                         f"{r['params']:,}" + (" (head untied)" if r.get("untied_lm_head") else ""),
+                         f"{r['ppl']:.2f}", f"{r['ppl'] / data['dense_ppl']:.2f}x", err, r["seconds"]])
+        parts.append(table(["removed", "method", "hidden", "params", "ppl", "vs dense", "reader error slice -> lsq",
+                            "s"], rows))
+    return "\n".join(parts)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="builtin:tiny-llama")
+    ap.add_argument("--name", default=None, help="name in the results file (default: from --model)")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--align", type=int, default=8)
+    ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    ap.add_argument("--quick", action="store_true", help="activation only among the scores")
+    ap.add_argument("--render", action="store_true")
+    args = ap.parse_args(argv)
+    if args.render:
+        write_result("hidden", render())
+        return
+    torch.manual_seed(0)
+    folder = resolve_model(args.model, True)
+    name = args.name or args.model.removeprefix("builtin:").replace("/", "_")
+    tok = load_tokenizer(folder)
+    calib = calibration_windows(tok, "builtin:pydoc", "train", args.samples, 128, seed=0)
+    eval_tokens = token_stream(tok, "builtin:pydoc", "validation")[: args.eval_tokens]
+    path = RESULTS / f"hidden_{name}.json"
+    data = json.loads(path.read_text()) if path.exists() else {"model": args.model, "rows": {}}
+    if "dense_ppl" not in data:
+        dense = load_pretrained(folder).eval()
+        data.update(dense_ppl=perplexity(dense, eval_tokens, 128, None, 8, progress=False)["perplexity"],
+                    hidden_size=dense.config.hidden_size, params=sum(p.numel() for p in dense.parameters()),
+                    samples=args.samples, eval_tokens=int(eval_tokens.numel()))
+        print(f"dense ppl {data['dense_ppl']:.3f}", flush=True)
+    for ratio in args.ratios:
+        for row in rows_for(ratio, args.quick):
+            if key(row) in data["rows"]:
+                continue
+            try:
+                result = measure(row, folder, calib, eval_tokens, args.align)
+            except (NotImplementedError, RuntimeError) as e:
+                result = {**row, "error": str(e)}
+                print(f"{key(row)}: {e}", flush=True)
+                continue
+            data["rows"][key(row)] = result
+            print(f"{key(row)}: ppl {result['ppl']:.3f} hidden {result['hidden_size']} params {result['params']:,} "
+                  f"({result['seconds']}s)", flush=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            tmp.replace(path)
+    write_result("hidden", render())
+
+
+if __name__ == "__main__":
+    main()

@@ -103,6 +103,7 @@ def main(argv=None):
     ap.add_argument("--align", type=int, default=8)
     ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     ap.add_argument("--quick", action="store_true", help="activation only among the scores")
+    ap.add_argument("--only", nargs="+", default=None, help="measure only rows whose key contains one of these")
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args(argv)
     if args.render:
@@ -124,7 +125,7 @@ def main(argv=None):
         print(f"dense ppl {data['dense_ppl']:.3f}", flush=True)
     for ratio in args.ratios:
         for row in rows_for(ratio, args.quick):
-            if key(row) in data["rows"]:
+            if key(row) in data["rows"] or (args.only and not any(o in key(row) for o in args.only)):
                 continue
             try:
                 result = measure(row, folder, calib, eval_tokens, args.align)

@@ -79,12 +79,12 @@ def plan(recipe, as_json):
         click.echo(json.dumps([p.as_dict() for p in plans], indent=2))
         return
     base = plans[0]
-    click.echo(f"{'stage':<18}{'layers':>7}{'heads/KV (per layer)':>24}{'MLP width':>12}{'params':>14}"
+    click.echo(f"{'stage':<18}{'layers':>7}{'hidden':>8}{'heads/KV (per layer)':>24}{'MLP width':>12}{'params':>14}"
                f"{'GFLOP/tok':>11}{'weight MB':>11}{'KV B/tok':>10}")
     for p in plans:
         heads = sorted({f"{s['num_attention_heads']}/{s['num_key_value_heads']}" for s in p.per_layer})
         widths = sorted({s["intermediate_size"] for s in p.per_layer})
-        click.echo(f"{p.name:<18}{p.num_layers:>7}{','.join(heads):>24}{','.join(map(str, widths)):>12}"
+        click.echo(f"{p.name:<18}{p.num_layers:>7}{p.hidden_size:>8}{','.join(heads):>24}{','.join(map(str, widths)):>12}"
                    f"{p.params:>14,}{p.flops_per_token / 1e9:>11.4f}{p.weight_bytes / 2**20:>11.2f}"
                    f"{p.kv_cache_bytes_per_token:>10,}")
         for n in p.notes:

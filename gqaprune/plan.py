@@ -35,6 +35,7 @@ class StagePlan:
     weight_bytes: int
     kv_cache_bytes_per_token: int
     notes: list[str]
+    hidden_size: int = 0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -63,7 +64,8 @@ def _summary(name, model, adapter: Adapter, bytes_per_param: float, notes) -> St
     # one multiply-add per weight per token in every matmul (embedding lookups are free)
     matmul = params - embed + (embed if _tied(model, adapter) else 0)
     kv = kv_cache_bytes_per_token(model, adapter, int(bytes_per_param if bytes_per_param >= 1 else 2))
-    return StagePlan(name, len(shapes), shapes, params, 2 * matmul, int(params * bytes_per_param), kv, notes)
+    hidden = int(getattr(model.config, adapter.config.hidden_size))
+    return StagePlan(name, len(shapes), shapes, params, 2 * matmul, int(params * bytes_per_param), kv, notes, hidden)
 
 
 def _tied(model, adapter) -> bool:

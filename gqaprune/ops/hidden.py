@@ -55,8 +55,37 @@ def writers(adapter: Adapter) -> list[str]:
     return [adapter.layer.o, adapter.layer.down]
 
 
+# The adapter's `norm` and `embedding` sections and the sublayer-output norm roles arrive with the adapters work
+# (Gemma 3, Qwen 3); an adapter file without them describes a norm whose weight is its scale and an unscaled
+# embedding, and whether its norm subtracts the mean is read off the module (nn.LayerNorm).
+
+
+def norm_weight_offset(adapter: Adapter) -> int:
+    """The norm scales by (offset + weight): 1 for Gemma's RMSNorm, else 0."""
+    return int(getattr(getattr(adapter, "norm", None), "weight_offset", 0))
+
+
+def subtracts_mean(model: nn.Module, adapter: Adapter) -> bool:
+    spec = getattr(adapter, "norm", None)
+    if spec is not None:
+        return spec.kind == "layer"
+    return isinstance(get_module(model, adapter.model.final_norm), nn.LayerNorm)
+
+
+def embedding_scaled_by_sqrt_hidden(adapter: Adapter) -> bool:
+    return getattr(getattr(adapter, "embedding", None), "scale", "none") == "sqrt_hidden"
+
+
+def output_norm_paths(adapter: Adapter) -> list[str]:
+    """Norms on a sublayer's output before the residual add (Gemma 2/3): stream-wide, but no projection follows."""
+    r = adapter.layer
+    return [p for p in (getattr(r, "post_attn_output_norm", None), getattr(r, "post_mlp_output_norm", None))
+            if p is not None]
+
+
 def layer_norm_paths(adapter: Adapter) -> list[str]:
-    return [norm for norm, _ in reader_groups(adapter)]
+    """Every stream-wide norm in a layer (q_norm/k_norm are head_dim wide and stay)."""
+    return [norm for norm, _ in reader_groups(adapter)] + output_norm_paths(adapter)
 
 
 def is_tied(model: nn.Module, adapter: Adapter) -> bool:
@@ -65,13 +94,14 @@ def is_tied(model: nn.Module, adapter: Adapter) -> bool:
 
 def rotation_problem(model: nn.Module, adapter: Adapter) -> str | None:
     """Why ``rotate: pca`` cannot keep this model's function exactly, or None. Works on a meta model."""
-    norms = [get_module(model, adapter.model.final_norm)]
-    for layer in decoder_layers(model, adapter):
-        norms += [get_module(layer, p) for p in layer_norm_paths(adapter)]
-    if any(isinstance(n, nn.LayerNorm) for n in norms):
+    if subtracts_mean(model, adapter):
         return ("rotate: pca needs RMSNorm, but this model's norms are LayerNorm, which subtracts the channel mean: "
                 "LayerNorm(Q^T h) differs from Q^T LayerNorm(h) for a PCA rotation Q, and the RMSNorm that SliceGPT "
                 "swaps in is not a module a stock checkpoint of this architecture can load; use rotate: none")
+    if output_norm_paths(adapter):
+        return (f"rotate: pca cannot fold the weight of the sublayer-output norm ({', '.join(output_norm_paths(adapter))})"
+                ": it scales each channel right before the residual add, where no projection follows to take it, "
+                "and a channel-wise scale does not commute with a rotation; use rotate: none")
     return None
 
 
@@ -89,6 +119,29 @@ def _slice_norm(norm: nn.Module, keep: torch.Tensor) -> None:
     _slice_vector_param(norm, "bias", keep)
     if isinstance(getattr(norm, "normalized_shape", None), tuple):  # nn.LayerNorm normalises over this shape
         norm.normalized_shape = (int(keep.numel()),)
+
+
+def _rescale_embedding(model: nn.Module, adapter: Adapter, old: int, new: int) -> None:
+    """An embedding multiplied by sqrt(hidden_size) (Gemma) would, once reloaded at the new width, scale by
+    sqrt(new): store that scale on the module, multiply the weights by sqrt(old/new) so every token vector stays
+    what it was, and divide the final norm's effective weight by the same factor so a tied LM head (the same
+    weights) gives the same logits; an untied head is left as it is."""
+    embed = get_module(model, adapter.model.embed)
+    c = (old / new) ** 0.5
+    for name, value in list(vars(embed).items()) + list(embed.named_buffers(recurse=False)):
+        if "scale" not in name:
+            continue
+        if isinstance(value, float) and abs(value - old ** 0.5) < 1e-6 * old:
+            setattr(embed, name, new ** 0.5)
+        elif isinstance(value, torch.Tensor) and value.dim() == 0 and value.device.type != "meta" \
+                and abs(float(value) - old ** 0.5) < 1e-3 * old ** 0.5:
+            value.fill_(new ** 0.5)
+    with torch.no_grad():
+        embed.weight.mul_(c)
+        if is_tied(model, adapter):
+            norm = get_module(model, adapter.model.final_norm)
+            offset = norm_weight_offset(adapter)
+            norm.weight.copy_((offset + norm.weight.double()) / c - offset)
 
 
 def prune_hidden(model: nn.Module, adapter: Adapter, keep: torch.Tensor) -> None:
@@ -120,6 +173,8 @@ def prune_hidden(model: nn.Module, adapter: Adapter, keep: torch.Tensor) -> None
             set_module(layer, path, slice_linear(get_module(layer, path), rows=keep))
     setattr(config, adapter.config.head_dim, head_dim)
     setattr(config, adapter.config.hidden_size, int(keep.numel()))
+    if embedding_scaled_by_sqrt_hidden(adapter) and w.device.type != "meta":
+        _rescale_embedding(model, adapter, old, int(keep.numel()))
     for module in model.modules():  # plain-int copies of hidden_size some modules keep (not read in forward)
         if type(getattr(module, "hidden_size", None)) is int and module.hidden_size == old:
             module.hidden_size = int(keep.numel())
@@ -128,12 +183,13 @@ def prune_hidden(model: nn.Module, adapter: Adapter, keep: torch.Tensor) -> None
 # --- rotation --------------------------------------------------------------------------------------
 
 
-def _fold_norm_into(norm: nn.Module, readers: list[nn.Linear]) -> None:
-    """reader(w * n(h)) = (reader * diag(w))(n(h)): move an RMSNorm's weight into its readers' columns."""
-    w = norm.weight.detach().double()
+def _fold_norm_into(norm: nn.Module, readers: list[nn.Linear], offset: int) -> None:
+    """reader(w * n(h)) = (reader * diag(w))(n(h)): move an RMSNorm's effective weight (offset + weight) into
+    its readers' columns; the norm's effective weight becomes 1."""
+    w = offset + norm.weight.detach().double()
     for lin in readers:
         lin.weight.data = (lin.weight.detach().double() * w[None, :]).to(lin.weight.dtype)
-    norm.weight.data.fill_(1.0)
+    norm.weight.data.fill_(1.0 - offset)
 
 
 def untie_lm_head(model: nn.Module, adapter: Adapter) -> None:
@@ -158,9 +214,9 @@ def rotate_residual(model: nn.Module, adapter: Adapter, q: torch.Tensor) -> None
     layers = decoder_layers(model, adapter)
     for layer in layers:
         for norm, readers in reader_groups(adapter):
-            _fold_norm_into(get_module(layer, norm), [get_module(layer, p) for p in readers])
+            _fold_norm_into(get_module(layer, norm), [get_module(layer, p) for p in readers], norm_weight_offset(adapter))
     head = get_module(model, adapter.model.lm_head)
-    _fold_norm_into(get_module(model, adapter.model.final_norm), [head])
+    _fold_norm_into(get_module(model, adapter.model.final_norm), [head], norm_weight_offset(adapter))
 
     def right(p: nn.Parameter):  # W -> W Q on the input side
         p.data = (p.detach().double().cpu() @ q).to(device=p.device, dtype=p.dtype)
@@ -195,7 +251,7 @@ def _norm_input_hooks(model: nn.Module, adapter: Adapter, store: dict) -> list:
 
     mods = [get_module(model, adapter.model.final_norm)]
     for layer in decoder_layers(model, adapter):
-        mods += [get_module(layer, p) for p in layer_norm_paths(adapter)]
+        mods += [get_module(layer, norm) for norm, _ in reader_groups(adapter)]  # the stream itself enters these
     return [m.register_forward_pre_hook(hook) for m in mods]
 
 

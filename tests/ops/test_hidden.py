@@ -4,23 +4,26 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from gqaprune.arch.adapter import decoder_layers, get_module, resolve_adapter
-from gqaprune.ops.hidden import (is_tied, layer_norm_paths, pca_rotation, prune_hidden, repair_readers,
-                                 rotate_residual, rotation_problem, writers)
+from gqaprune.ops.hidden import (is_tied, layer_norm_paths, norm_weight_offset, pca_rotation, prune_hidden,
+                                 repair_readers, subtracts_mean,
+                                 rotate_residual, rotation_problem, untie_lm_head, writers)
 from tiny import FAMILIES, tiny_inputs, tiny_model
 
-RMS_FAMILIES = [f for f in FAMILIES if f != "phi"]
+RMS_FAMILIES = [f for f in FAMILIES if f not in ("phi", "gemma3")]  # gemma3: output norms refuse rotation
 KEEP = sorted(set(range(64)) - {0, 3, 4, 17, 30, 31, 45, 50, 62, 63})  # 54 of 64 channels, scattered
 
 
 def _model(family, tied):
     model = tiny_model(family)
+    adapter = resolve_adapter("auto", model.config.architectures)
     if tied:
         model.config.tie_word_embeddings = True
         model.tie_weights()
-    return model, resolve_adapter("auto", model.config.architectures)
+    elif is_tied(model, adapter):  # gemma3's tiny model is tied as released
+        untie_lm_head(model, adapter)
+    return model, adapter
 
 
 def _logits(model, ids):
@@ -43,13 +46,17 @@ def _masked_reference(model, adapter, keep):
                 if lin.bias is not None:
                     lin.bias[removed] = 0
 
+    offset = norm_weight_offset(adapter)  # Gemma's RMSNorm scales by (1 + weight)
+    layer_norm = subtracts_mean(model, adapter)
+
     def norm_over_kept(mod, args, out):
         x = args[0][..., k].float()
-        if isinstance(mod, nn.LayerNorm):
-            y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + mod.eps)
+        eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
+        if layer_norm:
+            y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
             y = y * mod.weight[k] + mod.bias[k]
         else:
-            y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + mod.variance_epsilon) * mod.weight[k]
+            y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (offset + mod.weight[k].float())
         full = torch.zeros_like(out)
         full[..., k] = y.to(out.dtype)
         return full
@@ -82,6 +89,24 @@ def test_hidden_slicing_equals_masked_reference(family, tied):
         assert torch.equal(model.generate(ids1, use_cache=True, **kw), model.generate(ids1, use_cache=False, **kw))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sliced_model_saves_and_stock_from_pretrained_reloads_it(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from gqaprune.io.checkpoint import save_model
+
+    model, adapter = _model(family, family == "gemma3")
+    keep = list(range(8, 56))  # 48 channels: every tiny family's head count divides it
+    prune_hidden(model, adapter, torch.tensor(keep))
+    ids = tiny_inputs()
+    want = _logits(model, ids)
+    saved = save_model(model, adapter, tmp_path)
+    assert saved["uniform"]
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+    assert reloaded.config.hidden_size == 48 and reloaded.config.head_dim == 16
+    torch.testing.assert_close(_logits(reloaded, ids), want, atol=1e-5, rtol=0)
+
+
 def _random_orthogonal(n, seed=0):
     q, r = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r))
@@ -107,13 +132,15 @@ def test_rotation_alone_keeps_the_logits(family, tied):
     torch.testing.assert_close(_logits(model, ids), before, atol=1e-4, rtol=0)
 
 
-def test_rotation_refuses_layernorm_with_the_reason():
-    model, adapter = _model("phi", False)
-    assert "LayerNorm" in rotation_problem(model, adapter) and "subtracts the channel mean" in rotation_problem(model, adapter)
+def test_rotation_refuses_layernorm_and_output_norms_with_the_reason():
+    phi = _model("phi", False)
+    assert "LayerNorm" in rotation_problem(*phi) and "subtracts the channel mean" in rotation_problem(*phi)
+    if "gemma3" in FAMILIES:
+        assert "post_attention_layernorm" in rotation_problem(*_model("gemma3", True))
     assert rotation_problem(*_model("llama", False)) is None
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "phi"])
+@pytest.mark.parametrize("family", [f for f in ("llama", "qwen2", "phi3", "phi", "gemma3") if f in FAMILIES])
 def test_repair_is_never_worse_than_slicing_and_lowers_the_error(family):
     model, adapter = _model(family, False)
     calib = tiny_inputs(batch=8, seq=16, seed=5)
@@ -122,7 +149,7 @@ def test_repair_is_never_worse_than_slicing_and_lowers_the_error(family):
     sliced = copy.deepcopy(model)
     report = repair_readers(dense, model, adapter, calib, batch_size=4, progress=False)
     errs = [e for layer in report["layers"] for k, e in layer.items() if k != "layer"] + [report["lm_head"]]
-    readers_per_layer = {"llama": 5, "qwen2": 5, "phi3": 2, "phi": 4}[family]  # q k v gate up | qkv gate_up | q k v fc1
+    readers_per_layer = {"llama": 5, "qwen2": 5, "phi3": 2, "phi": 4, "gemma3": 5}[family]  # q k v gate up | qkv gate_up | q k v fc1
     assert len(errs) == 3 * readers_per_layer + 1
     for e in errs:
         assert 0 <= e["rel_error_lsq"] <= e["rel_error_slice"] + 1e-12

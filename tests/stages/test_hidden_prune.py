@@ -149,6 +149,7 @@ def test_plan_shows_the_new_width_and_the_untied_head(tmp_path, saved):
     per_channel = 3 * (192 + 128 + 2 * 96 + 96 + 2) + 2 * vocab + 1
     assert before["params"] - after["params"] == 16 * per_channel
     assert after["kv_cache_bytes_per_token"] == before["kv_cache_bytes_per_token"]  # head_dim and KV heads unchanged
+    assert (before["hidden_size"], after["hidden_size"]) == (64, 48)
 
 
 def test_plan_counts_the_untied_head_of_a_tied_model(tmp_path):

@@ -10,6 +10,7 @@ model-dependent check of the recipe happens here, before any weights load.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +75,7 @@ def _tied(model, adapter) -> bool:
 
 def simulate(recipe: Recipe, config, adapter: Adapter) -> list[StagePlan]:
     """Check every stage against the model's shape and return the plan (the first entry is the source)."""
-    model = meta_model(config)
+    model = meta_model(copy.deepcopy(config))  # the stages' meta surgery edits the model's config, not the caller's
     check_adapter_on_model(model, adapter)  # every role path resolves, shapes agree: before any weights load
     bpp = _dtype_bytes(config)
     plans = [_summary("source", model, adapter, bpp, [])]
@@ -85,7 +86,8 @@ def simulate(recipe: Recipe, config, adapter: Adapter) -> list[StagePlan]:
     for si, stage in enumerate(built):
         where = f"stages[{si}] {stage.name}"
         shapes = model_shapes(model, adapter)
-        inp = PlanInput(where, config=config, adapter=adapter, earlier=built[:si], saved_arch=saved_arch)
+        # the width the earlier stages leave (hidden_prune changes it) is on the meta model's config
+        inp = PlanInput(where, config=model.config, adapter=adapter, earlier=built[:si], saved_arch=saved_arch)
         try:
             output_norm_notes = check_output_norms(stage.cfg, adapter, where)
             planned = stage.plan(shapes, inp)
@@ -93,6 +95,8 @@ def simulate(recipe: Recipe, config, adapter: Adapter) -> list[StagePlan]:
         except InputError as e:
             raise InputError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
         reshape_placeholder(model, adapter, shapes, planned.shapes)
+        if "hidden_size" in planned.counts:
+            planned.notes.extend(reshape_hidden(model, adapter, planned.counts, where))
         bpp = planned.counts.get("bytes_per_param", bpp)
         plans.append(_summary(f"{si}:{stage.name}", model, adapter, bpp, planned.notes))
     final = model_shapes(model, adapter)
@@ -100,7 +104,8 @@ def simulate(recipe: Recipe, config, adapter: Adapter) -> list[StagePlan]:
     if convert:
         plans[-1].notes.append(f"save_as: mistral: saved as {MISTRAL_TO} (the same computation), which stock "
                                "from_pretrained reloads")
-    elif stock_head_counts(config, adapter) is not None and len(heads) == 1:
+    elif stock_head_counts(model.config, adapter) is not None and len(heads) == 1:
+        config = model.config  # the width the stages leave (hidden_prune changes it)
         h, hidden = heads.pop(), getattr(config, adapter.config.hidden_size)
         mistral = save_as_mistral_problem(config) is None
         if hidden % h:
@@ -133,6 +138,25 @@ def reshape_placeholder(model, adapter: Adapter, before: list[dict], after: list
             prune_heads(model, adapter, i, keep)
         if s["intermediate_size"] != b["intermediate_size"]:
             prune_channels(model, adapter, i, list(range(s["intermediate_size"])))
+
+
+def reshape_hidden(model, adapter: Adapter, counts: dict, where: str) -> list[str]:
+    """Give the meta-device model a hidden_prune stage's width (the first channels) and, for rotate: pca, check the
+    rotation and untie a tied head as the stage will; the notes."""
+    from gqaprune.ops.hidden import is_tied, prune_hidden, rotation_problem, untie_lm_head
+
+    notes = []
+    if counts["rotate"] == "pca":
+        problem = rotation_problem(model, adapter)
+        if problem:
+            raise InputError(f"{where}: {problem}")
+        if is_tied(model, adapter):
+            vocab = model.get_submodule(adapter.model.embed).weight.shape[0]
+            untie_lm_head(model, adapter)
+            notes.append(f"rotate: pca unties the LM head from the embedding (the head carries the final norm's "
+                         f"weight): +{vocab:,} x {counts['hidden_size']} parameters")
+    prune_hidden(model, adapter, torch.arange(counts["hidden_size"]))
+    return notes
 
 
 def check_save_as(recipe: Recipe, config, arch: str) -> bool:

@@ -24,6 +24,7 @@ STAGE_TYPES = tuple(STAGES)  # stage type names, in the order error messages lis
 # each stage's config lives in its own module; re-exported here (tests and scripts import them from the recipe)
 LayerDropStage, HeadPruneStage = STAGES["layer_drop"].Config, STAGES["head_prune"].Config
 NeuronPruneStage, RecoverStage, AwqStage = (STAGES[t].Config for t in ("neuron_prune", "recover", "awq"))
+HiddenPruneStage = STAGES["hidden_prune"].Config
 StageConfig = Annotated[Union[tuple(s.Config for s in STAGES.values())], Field(discriminator="type")]
 
 

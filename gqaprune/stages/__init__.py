@@ -7,6 +7,7 @@ the model card and the plots all go through it.
 from gqaprune.stages.awq import Awq
 from gqaprune.stages.base import Stage
 from gqaprune.stages.head_prune import HeadPrune
+from gqaprune.stages.hidden_prune import HiddenPrune
 from gqaprune.stages.layer_drop import LayerDrop
 from gqaprune.stages.neuron_prune import NeuronPrune
 from gqaprune.stages.recover import Recover
@@ -15,6 +16,7 @@ STAGES: dict[str, type[Stage]] = {
     "layer_drop": LayerDrop,
     "head_prune": HeadPrune,
     "neuron_prune": NeuronPrune,
+    "hidden_prune": HiddenPrune,
     "recover": Recover,
     "awq": Awq,
 }

@@ -13,17 +13,39 @@ over those weights, LM loss on the calibration windows), random (seeded).
 from __future__ import annotations
 
 import copy
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 
 from gqaprune.arch.adapter import Adapter, decoder_layers, get_module
 from gqaprune.context import RunContext
 from gqaprune.ops.hidden import (is_tied, pca_rotation, prune_hidden, reader_groups, repair_readers, rotate_residual,
                                  rotation_problem, writers)
 from gqaprune.errors import InputError
-from gqaprune.recipe import HiddenPruneStage
+from gqaprune.schema import Reconstructs, one_of
 from gqaprune.scoring.stats import collect_stats
 from gqaprune.stages.amounts import aligned_keep
+from gqaprune.stages.base import PlanInput, Planned, Stage, unchanged
+
+
+class HiddenPruneStage(Reconstructs):
+    type: Literal["hidden_prune"]
+    prune_ratio: float | None = Field(None, gt=0, lt=1, description="fraction of hidden_size removed")
+    keep: int | None = Field(None, ge=1, description="hidden_size kept")
+    align: int = Field(64, ge=1, description="kept hidden_size is a multiple of this (AWQ group size 128 needs 128)")
+    score: Literal["activation", "magnitude", "taylor", "random"] = Field(
+        "activation", description="activation: per-channel L2 of every norm's output over the calibration tokens "
+        "(Minitron); magnitude: L2 of every weight on the channel; taylor: |w*g| summed over them; random (seeded)."
+        " With rotate: pca the channels scored are the principal directions")
+    rotate: Literal["none", "pca"] = Field(
+        "none", description="pca: rotate the residual stream onto the principal directions of the calibration "
+        "activations first (norm weights folded into the projections; a tied LM head is untied)")
+
+    @model_validator(mode="after")
+    def _amount(self):
+        one_of(self, ["prune_ratio", "keep"], "hidden_prune")
+        return self
 
 
 def kept_width(width: int, cfg: HiddenPruneStage, where: str = "hidden_prune") -> tuple[int, int]:
@@ -72,9 +94,30 @@ def channel_scores(ctx: RunContext, score: str, width: int) -> torch.Tensor:
     raise ValueError(score)  # pragma: no cover
 
 
-class HiddenPrune:
-    def __init__(self, cfg: HiddenPruneStage):
-        self.cfg = cfg
+class HiddenPrune(Stage):
+    name = "hidden_prune"
+    Config = HiddenPruneStage
+
+    def plan(self, shapes: list[dict], inp: PlanInput) -> Planned:
+        """The kept width (aligned); layer shapes stay. counts: hidden_size, and rotate (the meta model's
+        surgery in gqaprune.plan checks the rotation and unties a tied head there)."""
+        c = self.cfg
+        width = int(getattr(inp.config, inp.adapter.config.hidden_size))
+        kept, want = kept_width(width, c, inp.where)
+        notes = [f"keeps hidden size {kept} instead of {want} to align to {c.align}"] if kept != want else []
+        notes.append("which channels go is decided by the scores at run time")
+        return Planned(unchanged(shapes), notes, {"hidden_size": kept, "want": want, "rotate": c.rotate})
+
+    @classmethod
+    def card_what(cls, s: dict) -> str:
+        what = (f"residual-stream channels by {s['score']} (rotate {s['rotate']}, reconstruct {s['reconstruct']}, "
+                f"align {s['align']}); hidden size {s['hidden_size_before']} -> {s['hidden_size_after']}")
+        if "repair" in s:
+            what += (f"; reader error mean {s['repair']['mean_rel_error_slice']:.3f} sliced -> "
+                     f"{s['repair']['mean_rel_error_lsq']:.3f} refit")
+        if s.get("untied_lm_head"):
+            what += "; LM head untied from the embedding (rotation)"
+        return what
 
     def apply(self, ctx: RunContext) -> dict:
         c, model, adapter = self.cfg, ctx.model, ctx.adapter

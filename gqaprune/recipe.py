@@ -70,6 +70,17 @@ class EvalConfig(Strict):
     perplexity: PerplexityEval | None = PerplexityEval()
     lm_eval: LmEvalConfig = LmEvalConfig()
     gates: Gates = Gates()
+    prompts: list[str] | None = Field(
+        None, max_length=16,
+        description="prompts whose greedy continuations (40 new tokens) the card shows before and after, with "
+                    "their repeated 4-gram share in report.json; null: the package's default prompts; [] none")
+
+    @model_validator(mode="after")
+    def _prompts_not_blank(self):
+        for i, p in enumerate(self.prompts or []):
+            if not p.strip():
+                raise ValueError(f"prompts[{i}] is empty; give the text the model should continue")
+        return self
 
 
 class Recipe(Strict):

@@ -94,7 +94,8 @@ def _equivalent_command(recipe_path, output, force) -> str:
 def prepare_inputs(recipe, config, eval_cfg, progress: bool) -> dict:
     """The model folder, tokenizer, calibration windows and evaluation tokens: every input that is cheap
     to read, read (and checked) before any weights load and before any folder is created."""
-    model_dir = resolve_model(recipe.model, progress)
+    t0 = time.perf_counter()
+    model_dir = resolve_model(recipe.model, progress)  # a builtin is trained / converted here on first use
     tokenizer = load_tokenizer(model_dir)
     cal = recipe.calibration
     calib = calibration_windows(tokenizer, cal.source, cal.split, cal.samples, cal.seq_len, recipe.seed, cal.field)
@@ -104,7 +105,8 @@ def prepare_inputs(recipe, config, eval_cfg, progress: bool) -> dict:
         if vocab and t is not None and t.numel() and int(t.max()) >= vocab:
             raise InputError(f"the tokenizer in '{model_dir}' gives {what} token id {int(t.max())}, but the model's "
                              f"vocab_size is {vocab}: tokenizer and model do not belong together")
-    return {"model_dir": model_dir, "tokenizer": tokenizer, "calib": calib, "eval_tokens": eval_tokens}
+    return {"model_dir": model_dir, "tokenizer": tokenizer, "calib": calib, "eval_tokens": eval_tokens,
+            "seconds": time.perf_counter() - t0}
 
 
 def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cfg, inputs: dict, out: Path, tmp: Path,
@@ -147,7 +149,7 @@ def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cf
     reloaded, saved, roundtrip, awq_report = _save_and_reload(model, save_adapter, tokenizer, awq_cfg, recipe, tmp,
                                                               probe, device, save_dtype, progress)
     del model
-    timings["save_reload"] = time.perf_counter() - t
+    timings["awq" if awq_cfg is not None else "save"] = time.perf_counter() - t  # incl. reload + logit check
     if not roundtrip["ok"]:
         raise CheckFailed(f"round trip failed: logits of the model reloaded from disk differ from the in-memory "
                           f"model by {roundtrip['max_abs_logit_diff']:.3g} (tolerance {roundtrip['tolerance']}); "

@@ -52,6 +52,11 @@ def evaluate(model, tokenizer, eval_cfg, eval_tokens, progress: bool, label: str
         out["lm_eval"] = run_lm_eval(model, tokenizer, tasks, include_path=le.include_path, limit=le.limit,
                                      batch_size=le.batch_size, num_fewshot=le.num_fewshot)
         out["lm_eval_seconds"] = round(time.perf_counter() - t0, 2)
+    from gqaprune.evaluation.generations import greedy_continuations, prompts_of
+
+    if prompts_of(eval_cfg):
+        out["generations"] = greedy_continuations(model, tokenizer, prompts_of(eval_cfg), progress=progress,
+                                                  desc=f"generations {label}")
     return out
 
 

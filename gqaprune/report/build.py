@@ -10,6 +10,8 @@ import json
 import time
 from pathlib import Path
 
+from gqaprune.builtin.smollm2 import gguf_info
+from gqaprune.evaluation.generations import generations_report
 from gqaprune import __version__
 from gqaprune.recipe import recipe_sha256
 from gqaprune.report.provenance import (UNHASHED_OUTPUT_FILES, hash_folder, input_hashes, sha256_file, source_sha256,
@@ -26,6 +28,16 @@ def _data(recipe, eval_cfg, calib, eval_tokens) -> dict:
     ev = {"source": p.source, "split": p.split, "field": p.field, "source_sha256": source_sha256(p.source),
           "sha256": tokens_sha256(eval_tokens), "tokens": 0 if eval_tokens is None else int(eval_tokens.numel())}
     return {"calibration": calibration, "eval": ev}
+
+
+def phases_seconds(prepare: float, timings: dict[str, float], stage_reports: list[dict]) -> dict[str, float]:
+    """Wall seconds of each phase, in run order: prepare (resolve the model, which trains or converts a builtin on
+    first use, and read the data), load, eval_before, stages, convert (save_as), save or awq (each with the reload
+    and logit check), eval_after; write_report_files adds report (plots, hashes)."""
+    phases = {"prepare": prepare, "load": timings.get("load", 0.0), "eval_before": timings.get("eval_before", 0.0),
+              "stages": sum(s["seconds"] for s in stage_reports)}
+    phases.update({k: timings[k] for k in ("convert", "save", "awq", "eval_after") if k in timings})
+    return {k: round(v, 2) for k, v in phases.items()}
 
 
 def build_report(*, recipe, recipe_text: str, recipe_path, command: str, config, adapter, inputs: dict, eval_cfg,
@@ -45,7 +57,8 @@ def build_report(*, recipe, recipe_text: str, recipe_path, command: str, config,
         "recipe_path": str(recipe_path),
         "model": {"source": recipe.model, "architecture": config.architectures[0], "adapter": adapter.name,
                   "adapter_sha256": sha256_file(Path(adapter.source)) if adapter.source else None,
-                  "folder": str(inputs["model_dir"]), "files_sha256": input_hashes(Path(inputs["model_dir"]))},
+                  "folder": str(inputs["model_dir"]), "files_sha256": input_hashes(Path(inputs["model_dir"])),
+                  "gguf": gguf_info(Path(inputs["model_dir"]))},  # set when dequantized from a GGUF file
         "data": _data(recipe, eval_cfg, inputs["calib"], inputs["eval_tokens"]),
         "unhashed_files": list(UNHASHED_OUTPUT_FILES),
         "params_before": params_before,
@@ -62,6 +75,8 @@ def build_report(*, recipe, recipe_text: str, recipe_path, command: str, config,
                  "lm_eval": {"before": before.get("lm_eval", {}), "after": after.get("lm_eval", {})}},
         "awq": awq_report,
         "timings_seconds": {k: round(v, 2) for k, v in timings.items()},
+        "phases_seconds": phases_seconds(inputs.get("seconds", 0.0), timings, stage_reports),
+        "generations": generations_report(eval_cfg, before, after),
         "runtime": runtime,
         "versions": versions(),
         "output_kind": output["kind"],
@@ -79,8 +94,10 @@ def write_report_files(report: dict, recipe_text: str, folder: Path, t_start: fl
     from gqaprune.report.plots import write_plots
 
     (folder / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
+    t = time.perf_counter()
     write_plots(report, folder / "plots")
     report["files_sha256"] = hash_folder(folder)
+    report.setdefault("phases_seconds", {})["report"] = round(time.perf_counter() - t, 2)
     report["seconds_total"] = round(time.perf_counter() - t_start, 2)
     (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
     write_card(report, recipe_text, folder / "README.md")

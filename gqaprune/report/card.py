@@ -36,6 +36,36 @@ def _load_snippet(report: dict) -> str:
             "from gqaprune.quant.awq import load_dequantized\nmodel = load_dequantized(PATH)\n```")
 
 
+def _quoted(text: str) -> list[str]:
+    """``text`` as a markdown block quote, one ``>`` line per line (a continuation may hold newlines)."""
+    return [f"> {line}".rstrip() for line in (text if text.strip() else "(nothing)").splitlines()]
+
+
+def _generation_lines(gens: dict | None) -> list[str]:
+    if not gens:
+        return []
+    lines = ["## Generations", "",
+             f"Greedy continuations (up to {gens['max_new_tokens']} new tokens) of fixed prompts, before and after "
+             f"compression; the share of repeated {gens['ngram']}-grams of each continuation is in brackets.", ""]
+    for i, prompt in enumerate(gens["prompts"]):
+        lines += [f"**Prompt:** `{prompt}`", ""]
+        for side in ("before", "after"):
+            g = gens[side]
+            lines += [f"*{side}* ({g['repeated_4gram_share_per_prompt'][i]:.2f}):", ""]
+            lines += _quoted(prompt + g["texts"][i]) + [""]
+    return lines
+
+
+def _source_note(model: dict) -> list[str]:
+    """A line saying the source weights were dequantized from a quantized GGUF file, when they were."""
+    g = model.get("gguf")
+    if not g:
+        return []
+    return [f"The source weights were dequantized to {g['dequantized_to']} from a quantized GGUF file "
+            f"(`{Path(g['source_file']).name}`, {g['quantization']}), so \"before\" is the quantized model, "
+            "not the original full-precision one.", ""]
+
+
 def write_card(report: dict, recipe_text: str, path: Path) -> None:
     ev = report["eval"]
     before, after = ev["before"], ev["after"]
@@ -48,6 +78,7 @@ def write_card(report: dict, recipe_text: str, path: Path) -> None:
         f"# {name}: compressed with gqaprune {report['gqaprune_version']}", "",
         f"Base model: `{report['model']['source']}` ({report['model']['architecture']}, adapter "
         f"`{report['model']['adapter']}`).", "",
+        *_source_note(report["model"]),
         "## Summary", "",
         "| | before | after | change |", "|---|---|---|---|",
         f"| parameters | {report['params_before']:,} | {report['params_after']:,} | "
@@ -67,6 +98,11 @@ def write_card(report: dict, recipe_text: str, path: Path) -> None:
             b = report["eval"]["lm_eval"]["before"].get(task, {}).get(m)
             lines.append(f"| lm-eval {task} / {m} | {_fmt(b)} | {_fmt(v)} | "
                          f"{_fmt(v - b) if isinstance(b, (int, float)) else '-'} |")
+    gens = report.get("generations")
+    if gens:
+        b, a = gens["before"]["repeated_4gram_share"], gens["after"]["repeated_4gram_share"]
+        lines.append(f"| repeated {gens['ngram']}-grams in greedy continuations (0 = none, 1 = a loop) | {b:.3f} | "
+                     f"{a:.3f} | {a - b:+.3f} |")
     awq = report.get("awq")
     if awq:
         lines.append(f"| safetensors bytes | {awq['fp_safetensors_bytes']:,} (pruned, fp) | "
@@ -81,6 +117,7 @@ def write_card(report: dict, recipe_text: str, path: Path) -> None:
                   f"diff| between the two = {sa['max_abs_logit_diff']:.3g}).", ""]
     lines += [f"Round trip: saved, reloaded from disk with {rt['loader']}, max |logit diff| = "
               f"{rt['max_abs_logit_diff']:.3g} ({'ok' if rt['ok'] else 'FAILED'}).", ""]
+    lines += _generation_lines(gens)
     if report["gates"]:
         lines += ["## Gates", "", "| gate | limit | value | passed |", "|---|---|---|---|"]
         for k, g in report["gates"].items():

@@ -7,6 +7,16 @@ from pathlib import Path
 from gqaprune.stages import STAGES
 
 
+MAX_LABELLED_TICKS = 16  # beyond this many categories only every 2nd (3rd, ...) one is labelled
+
+
+def integer_ticks(axis, count: int) -> None:
+    """Ticks at whole category indices 0..count-1 (layer, KV group, query head): every one when few, every
+    ``step``-th when many."""
+    step = -(-count // MAX_LABELLED_TICKS)  # ceil: at most MAX_LABELLED_TICKS labels
+    axis.set_ticks(range(0, count, step))
+
+
 def write_plots(report: dict, folder: Path) -> list[str]:
     import matplotlib
 
@@ -35,6 +45,7 @@ def write_plots(report: dict, folder: Path) -> list[str]:
         for ax, key, title in ((axes[0], "num_attention_heads", "query heads"), (axes[1], "intermediate_size", "MLP width")):
             ax.plot(range(len(src)), [s[key] for s in src], "o-", label="before")
             ax.plot(range(len(fin)), [s[key] for s in fin], "s-", label="after")
+            integer_ticks(ax.xaxis, max(len(src), len(fin)))
             ax.set_xlabel("layer")
             ax.set_title(title)
             ax.legend()

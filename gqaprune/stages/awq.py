@@ -81,9 +81,13 @@ def awq_output(model, adapter, tokenizer, awq_cfg, recipe, tmp: Path, probe, sav
         cal = recipe.calibration
         texts = load_units(cal.source, cal.split, cal.field)
         shutil.rmtree(tmp)
+        from gqaprune.runtime import log
+
+        log(f"awq: {awq_cfg.w_bit}-bit, group size {awq_cfg.group_size}, {len(model_shapes(model, adapter))} layers "
+            f"(AutoAWQ; progress per layer)")
         info = quantize_folder(fp_dir, tmp, texts, w_bit=awq_cfg.w_bit, group_size=awq_cfg.group_size,
                                zero_point=awq_cfg.zero_point, max_calib_seq_len=awq_cfg.seq_len,
-                               n_samples=awq_cfg.samples, adapter=adapter)
+                               n_samples=awq_cfg.samples, adapter=adapter, progress=progress)
         verification = verify_awq_folder(tmp, reference_model=model, input_ids=probe)
         fp_bytes = sum(p.stat().st_size for p in fp_dir.glob("*.safetensors"))
     finally:

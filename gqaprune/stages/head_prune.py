@@ -239,12 +239,16 @@ class HeadPrune(Stage):
         mat = np.full((len(rows), width), np.nan)
         for i, r in enumerate(rows):
             mat[i, : len(r)] = r
-        fig, ax = plt.subplots(figsize=(6, 0.6 * len(rows) + 1.5))
+        fig, ax = plt.subplots(figsize=(6, min(0.3 * len(rows), 12) + 1.5))
         im = ax.imshow(mat, aspect="auto", cmap="viridis")
         removed_key = "removed_kv_heads" if s["unit"] == "group" else "removed_q_heads"
         for i, l in enumerate(s["layers"]):
             for j in l[removed_key]:
                 ax.text(j, i, "x", ha="center", va="center", color="red", fontsize=12, fontweight="bold")
+        from gqaprune.report.plots import integer_ticks
+
+        integer_ticks(ax.xaxis, width)
+        integer_ticks(ax.yaxis, len(rows))
         ax.set_xlabel("KV group" if s["unit"] == "group" else "query head")
         ax.set_ylabel("layer")
         ax.set_title(f"stage {s['index']}: {s['score']} importance (x = removed)")

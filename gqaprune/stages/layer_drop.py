@@ -145,6 +145,10 @@ class LayerDrop(Stage):
         fig, ax = plt.subplots(figsize=(6, 3))
         colors = ["tab:red" if i in s["dropped_layers"] else "tab:blue" for i in range(len(scores))]
         ax.bar(range(len(scores)), scores, color=colors)
+        from gqaprune.report.plots import integer_ticks
+
+        integer_ticks(ax.xaxis, len(scores))
+        ax.set_xlim(-0.6, len(scores) - 0.4)
         ax.set_xlabel("layer (before this stage)")
         ax.set_ylabel(s["score"])
         ax.set_title(f"stage {s['index']}: layer scores (red = dropped)")

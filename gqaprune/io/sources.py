@@ -1,4 +1,4 @@
-"""Where a model comes from: a builtin name or a local HF folder. Config and tokenizer, with clear errors."""
+"""Where a model comes from: a builtin name, a GGUF file or a local HF folder. Config and tokenizer, with clear errors."""
 
 from __future__ import annotations
 
@@ -12,16 +12,28 @@ def is_builtin(spec: str) -> bool:
     return spec.startswith("builtin:")
 
 
-def resolve_model(spec: str, progress: bool = True) -> Path:
-    """The local folder of ``spec`` (a builtin is trained and cached on first use)."""
-    if is_builtin(spec):
-        from gqaprune.builtin.tiny import resolve_builtin
+BUILTIN_NAMES = ("builtin:smollm2-135m", "builtin:tiny-llama", "builtin:tiny-qwen2", "builtin:tiny-phi3")
 
+
+def resolve_model(spec: str, progress: bool = True) -> Path:
+    """The local folder of ``spec``: a builtin (the real one converted, a tiny one trained, and cached on first
+    use), a ``.gguf`` file (dequantized into a cached folder on first use) or a local HF folder."""
+    from gqaprune.builtin import smollm2
+
+    if spec == smollm2.NAME:
+        return smollm2.resolve_smollm2(progress)
+    if is_builtin(spec):
+        from gqaprune.builtin.tiny import BUILTIN_MODELS, resolve_builtin
+
+        if spec not in BUILTIN_MODELS:
+            raise InputError(f"unknown builtin model '{spec}'; valid builtin models: {', '.join(BUILTIN_NAMES)}")
         return resolve_builtin(spec, progress=progress)
     path = Path(spec).expanduser()
     if not path.exists():
-        raise InputError(f"model folder '{spec}' does not exist (give a local HF folder or one of "
-                         "builtin:tiny-llama, builtin:tiny-qwen2, builtin:tiny-phi3; nothing is fetched from a hub)")
+        raise InputError(f"model '{spec}' does not exist (give a local HF folder, a .gguf file or one of "
+                         f"{', '.join(BUILTIN_NAMES)}; nothing is fetched from a hub)")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return smollm2.resolve_gguf(path, progress)
     if not path.is_dir():
         raise InputError(f"model '{spec}' is not a folder")
     if not (path / "config.json").is_file():
@@ -33,13 +45,13 @@ def read_config(spec: str, trust_remote_code: bool = False, progress: bool = Tru
     """The model's config without loading weights (a builtin not yet trained needs no training for this)."""
     from transformers import AutoConfig
 
-    if is_builtin(spec):
+    if is_builtin(spec) and spec != "builtin:smollm2-135m":  # the real builtin: converted, then read like a folder
         from gqaprune.builtin import tiny as bm
 
         folder = bm.builtin_folder(spec) if spec in bm.BUILTIN_MODELS else None
         if folder is None or not (folder / "config.json").exists():
             if spec not in bm.BUILTIN_MODELS:
-                raise InputError(f"unknown builtin model '{spec}'; valid: {', '.join(bm.BUILTIN_MODELS)}")
+                raise InputError(f"unknown builtin model '{spec}'; valid builtin models: {', '.join(BUILTIN_NAMES)}")
             cfg = bm.build_config(spec, bm.load_builtin_tokenizer(progress))
             cfg.architectures = list(bm.ARCH_CONFIGS[spec]["architectures"])
             return cfg

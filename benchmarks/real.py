@@ -37,7 +37,7 @@ from gqaprune.stages.layer_drop import LayerDrop
 from gqaprune.stages.neuron_prune import NeuronPrune
 
 RESULTS = Path(__file__).parent / "results"
-JSON = RESULTS / "real.json"
+JSON = RESULTS / "real.json"  # --part N writes real_partN.json: parallel processes, merged by --render
 CALIB_SAMPLES, CALIB_LEN = 8, 128
 EVAL_TOKENS, EVAL_WINDOW, LONG_WINDOW = 1024, 256, 2048
 
@@ -140,6 +140,11 @@ def headline_rows(bud: str) -> list:
                              "combined", gq_row([heads(hk, alloc=alloc), mlp(keep, alloc=alloc)])))
     n = spec["layers"]
     g, c = spec["wanda"]
+    if bud == "25%":
+        for alloc in ("uniform", "global"):
+            combined.append((f"{bud}|combined|gqaprune activation+LS {alloc} (query heads {{'keep_q_per_kv': 2}} + MLP "
+                             "1024)", bud, "combined", gq_row([heads({"keep_q_per_kv": 2}, "activation", alloc=alloc),
+                                                              mlp(1024, "activation", alloc=alloc)])))
     rows = combined[:1]
     rows.append((f"{bud}|combined|FLAP", bud, "combined", flap_row(FLAP_FRACTION[bud])))
     if "tp_default" in spec:
@@ -196,18 +201,18 @@ def all_rows() -> list:
     return out
 
 
-def run(minutes: float, only: str | None) -> dict:
+def run(minutes: float, only: str | None, path: Path = JSON) -> dict:
     torch.set_num_threads(2)
-    res = json.loads(JSON.read_text()) if JSON.exists() else {"rows": {}, "seconds": 0.0}
+    res = json.loads(path.read_text()) if path.exists() else {"rows": {}, "seconds": 0.0}
     b = Bench()
     t_start = time.perf_counter()
 
     def save():
         res["seconds"] = res.get("seconds_before", res["seconds"]) + time.perf_counter() - t_start
         RESULTS.mkdir(exist_ok=True)
-        tmp = JSON.with_suffix(".tmp")
+        tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=1))
-        tmp.replace(JSON)  # nothing half-written
+        tmp.replace(path)  # nothing half-written
 
     res["seconds_before"] = res.get("seconds", 0.0)
     res.update(model=str(b.folder), dense_params=b.dense_params, eval_tokens=EVAL_TOKENS, eval_window=EVAL_WINDOW,
@@ -298,13 +303,25 @@ def main():
     ap.add_argument("--minutes", type=float, default=1e9, help="start no new row after this many minutes")
     ap.add_argument("--only", help="run only rows whose key contains this text")
     ap.add_argument("--long", action="store_true", help="also the 2,048-token windows (dense and best 25%%)")
+    ap.add_argument("--part", type=int, help="write results/real_partN.json (a second process on other rows)")
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
     if not args.render:
-        res = run(args.minutes, args.only)
+        path = JSON.with_name(f"real_part{args.part}.json") if args.part else JSON
+        res = run(args.minutes, args.only, path)
         if args.long:
             long_context(res)
-    write_result("real", render(json.loads(JSON.read_text())))
+    write_result("real", render(merged()))
+
+
+def merged() -> dict:
+    """real.json with the rows of every real_partN.json added (their minutes added too)."""
+    res = json.loads(JSON.read_text())
+    for part in sorted(RESULTS.glob("real_part*.json")):
+        extra = json.loads(part.read_text())
+        res["rows"].update(extra["rows"])
+        res["seconds"] += extra.get("seconds", 0.0)
+    return res
 
 
 if __name__ == "__main__":

@@ -99,11 +99,17 @@ def tp_row(kind: str, ratio: float, imp: str):
 
 
 def flap_row(frac: float):
-    return lambda b, m: (flap.flap_prune(m, b.adapter, b.calib, int(frac * b.dense_params)), m)[1]
+    def run(b, m):
+        flap.flap_prune(m, b.adapter, b.calib, int(frac * b.dense_params))
+        return m
+    return run
 
 
 def wanda_row(groups: int, channels: int):
-    return lambda b, m: (wanda_sp.wanda_sp_prune(m, b.adapter, b.calib, groups, channels), m)[1]
+    def run(b, m):
+        wanda_sp.wanda_sp_prune(m, b.adapter, b.calib, groups, channels)
+        return m
+    return run
 
 
 def layers_row(n: int, how: str):
@@ -265,7 +271,8 @@ def best_key(res: dict, bud: str) -> str | None:
 def render(res: dict) -> str:
     dense = res["dense"]
     out = ["## Real model: SmolLM2-135M (one-shot, held-out perplexity; lower is better)", "",
-           f"`python -m benchmarks.real` — {res['seconds'] / 60:.0f} minutes on this machine (2 shared cores); "
+           f"`python -m benchmarks.real` — {res['seconds'] / 60:.0f} process-minutes on this machine (2 cores shared with "
+           "other jobs, load 7-14; rows split over processes with --part); "
            f"model {res['dense_params']:,} parameters; calibration {res['calibration']}; evaluation on the first "
            f"{res['eval_tokens']} tokens of builtin:pydoc's validation split (never calibrated on) in "
            f"{res['eval_window']}-token windows. Dense perplexity **{dense:.2f}**. `removed` is the share of all "

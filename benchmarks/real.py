@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -228,7 +229,7 @@ def run(minutes: float, only: str | None, path: Path = JSON) -> dict:
         save()
     print(f"dense perplexity {res['dense']:.3f} ({b.dense_params} parameters)", flush=True)
     for key, bud, axis, build in all_rows():
-        if key in res["rows"] or (only and only not in key):
+        if key in res["rows"] or (only and not re.search(only, key)):
             continue
         if (time.perf_counter() - t_start) / 60 > minutes:
             print(f"--minutes {minutes} reached; stopping before {key}", flush=True)
@@ -308,7 +309,7 @@ def render(res: dict) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=1e9, help="start no new row after this many minutes")
-    ap.add_argument("--only", help="run only rows whose key contains this text")
+    ap.add_argument("--only", help="run only rows whose key matches this regular expression")
     ap.add_argument("--long", action="store_true", help="also the 2,048-token windows (dense and best 25%%)")
     ap.add_argument("--part", type=int, help="write results/real_partN.json (a second process on other rows)")
     ap.add_argument("--render", action="store_true")

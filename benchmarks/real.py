@@ -294,8 +294,12 @@ def render(res: dict) -> str:
             else:
                 rows.append([r["axis"], label, "-", "fails", r["error"][:90]])
         rows.sort(key=lambda r: (r[0], r[3] if isinstance(r[3], float) else 1e9))
-        out += [f"### About {bud} of the parameters removed", "",
-                table(["axis", "method", "removed", "perplexity", "x dense"], rows), ""]
+        missing = [k.split("|", 2)[2] + f" ({k.split('|')[1]})" for k, b, _, _ in all_rows()
+                   if b == bud and k not in res["rows"]]
+        out += [f"### About {bud} of the parameters removed", ""]
+        out += [table(["axis", "method", "removed", "perplexity", "x dense"], rows), ""] if rows else []
+        if missing:
+            out += [f"Not measured in this run (compute budget; `--only` runs them): {'; '.join(missing)}.", ""]
     if "long" in res:
         lg = res["long"]
         out += [f"### 2,048-token windows ({lg['tokens']} validation tokens)", "",

@@ -247,10 +247,10 @@ def run(minutes: float, only: str | None, path: Path = JSON) -> dict:
     return res
 
 
-def long_context(res: dict) -> None:
+def long_context(res: dict, path: Path = JSON) -> None:
     """Perplexity at 2,048-token windows: the dense model and the best gqaprune recipe at 25%."""
     b = Bench()
-    best = best_key(res, "25%")
+    best = best_key(merged(), "25%")  # over every process's rows
     if best is None or "long" in res and res["long"].get("best_key") == best:
         return
     tokens = 2 * LONG_WINDOW  # two full windows of the validation split (time on 2 shared cores)
@@ -258,9 +258,9 @@ def long_context(res: dict) -> None:
     build = dict((k, f) for k, _, _, f in all_rows())[best]
     pruned = b.ppl(build(b, b.fresh()), LONG_WINDOW, tokens)
     res["long"] = {"best_key": best, "tokens": tokens, "dense": dense, "pruned": pruned}
-    tmp = JSON.with_suffix(".tmp")
+    tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(JSON)
+    tmp.replace(path)
 
 
 def best_key(res: dict, bud: str) -> str | None:
@@ -316,9 +316,12 @@ def main():
     ap.add_argument("--only", help="run only rows whose key matches this regular expression")
     ap.add_argument("--long", action="store_true", help="also the 2,048-token windows (dense and best 25%%)")
     ap.add_argument("--part", type=int, help="write results/real_partN.json (a second process on other rows)")
+    ap.add_argument("--long-only", action="store_true", help="only the 2,048-token windows (into real.json)")
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
-    if not args.render:
+    if args.long_only:  # its own file, so that it can run beside the other processes
+        long_context({"rows": {}, "seconds": 0.0}, JSON.with_name("real_part_long.json"))
+    elif not args.render:
         path = JSON.with_name(f"real_part{args.part}.json") if args.part else JSON
         res = run(args.minutes, args.only, path)
         if args.long:
@@ -332,6 +335,8 @@ def merged() -> dict:
     for part in sorted(RESULTS.glob("real_part*.json")):
         extra = json.loads(part.read_text())
         res["rows"].update(extra["rows"])
+        if "long" in extra:
+            res["long"] = extra["long"]
         res["seconds"] += extra.get("seconds", 0.0)
     return res
 

@@ -434,3 +434,55 @@ def tp_prune_hidden(model, calib: torch.Tensor, hidden_ratio: float, importance:
 
     note = f"Torch-Pruning {torch_pruning.__version__} MetaPruner ({importance}, local); hidden size only"
     return {"hidden_size": width, "params": _n_params(model), "seconds": seconds, "note": note}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the example's default mode: heads, MLP and the hidden size together
+
+
+def tp_prune_default(model, calib: torch.Tensor, ratio: float, importance: str = "magnitude") -> dict:
+    """Upstream prune_llm.py as it is: one ``pruning_ratio`` for the hidden size, the MLP channels and (as
+    ``head_pruning_ratio``) the query heads, ``round_to=4``, lm_head ignored. Tied input/output embeddings are
+    untied first (a copy of the weight for lm_head), because TP slices the embedding's hidden dimension while
+    lm_head is ignored; both lose the same hidden channels, so they are tied again afterwards (checked equal)."""
+    if not available():
+        raise RuntimeError(f"torch-pruning is not installed (pip install torch-pruning=={TP_VERSION})")
+    cfg = model.config
+    layers = _decoder_layers(model)
+    if any(_attn_kind(l.self_attn) != "separate" for l in layers):
+        raise NotImplementedError("default mode here supports separate q/k/v projections only")
+    head, emb = _lm_head(model), model.get_input_embeddings()
+    tied = head.weight is emb.weight
+    if tied:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+    n_q, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    t0 = time.perf_counter()
+    with _eager_no_cache(model):
+        num_heads: dict[nn.Module, int] = {}
+        for layer in layers:
+            a = layer.self_attn
+            num_heads[a.q_proj], num_heads[a.k_proj], num_heads[a.v_proj] = n_q, n_kv, n_kv
+        _run_pruner(model, calib, importance, [head], pruning_ratio=ratio, num_heads=num_heads,
+                    out_channel_groups={}, head_pruning_ratio=ratio, round_to=4)
+        cfg.hidden_size = head.in_features
+        if tied:
+            if not torch.equal(head.weight, emb.weight):
+                raise RuntimeError("Torch-Pruning pruned the embedding and lm_head along different hidden channels")
+            head.weight = emb.weight
+        heads = set()
+        for layer in layers:
+            a = layer.self_attn
+            hd = _head_dim(model, a)
+            nh, nkv = a.q_proj.out_features // hd, a.k_proj.out_features // hd
+            a.num_key_value_groups = nh // nkv
+            for attr, val in (("num_heads", nh), ("num_key_value_heads", nkv), ("hidden_size", nh * hd)):
+                setattr(a, attr, val)
+            heads.add((nh, nkv))
+            cfg.intermediate_size = layer.mlp.gate_proj.out_features
+        if len(heads) != 1:
+            raise RuntimeError(f"non-uniform head counts after pruning: {heads}")
+        cfg.num_attention_heads, cfg.num_key_value_heads = heads.pop()
+        _check_finite(model, calib)
+    return {"params": _n_params(model), "seconds": time.perf_counter() - t0, "hidden": cfg.hidden_size,
+            "heads": cfg.num_attention_heads, "intermediate": cfg.intermediate_size,
+            "note": f"Torch-Pruning {TP_VERSION} MetaPruner ({importance}, local), prune_llm.py default mode"}

@@ -30,16 +30,19 @@ def layer_hidden_states(model, adapter, ids: torch.Tensor) -> list[torch.Tensor]
     return states
 
 def layer_input_sq_norms(model, adapter, calib: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(L,): mean over calibration tokens of ||h_i||^2, the squared norm of each layer's residual-stream input."""
+    """(L,): median over calibration tokens of ||h_i||^2, the squared norm of each layer's residual-stream input.
+
+    The median, not the mean: real models carry massive activations on a few sink tokens (SmolLM2-135M, from
+    layer 12 on: one channel near 25,000 on the first token while a typical token's norm is near 140), and
+    the mean of ||h||^2 is then the sink's alone, 500x the typical token's. Divided by that, every head after
+    the sink looked cheap to global allocation, which then stripped those layers."""
     n = len(decoder_layers(model, adapter))
-    sums = torch.zeros(n, dtype=torch.float64)
-    count = 0
+    per_token = []  # (tokens,) per batch and layer
     device = next(model.parameters()).device
     for b in range(0, calib.shape[0], batch_size):
         hs = layer_hidden_states(model, adapter, calib[b: b + batch_size].to(device))[:n]
-        sums += torch.stack([h.double().pow(2).sum(-1).sum() for h in hs]).cpu()
-        count += hs[0].shape[0] * hs[0].shape[1]
-    return sums / count
+        per_token.append(torch.stack([h.double().pow(2).sum(-1).reshape(-1) for h in hs]).cpu())  # (L, tokens)
+    return torch.cat(per_token, dim=1).median(dim=1).values
 
 def layer_distances(model, adapter, calib: torch.Tensor, batch_size: int, progress: bool = True) -> torch.Tensor:
     """D[i, j] = mean over tokens of cos(h_i, h_j), for all 0 <= i < j <= L: (L+1, L+1)."""

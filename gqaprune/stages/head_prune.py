@@ -122,7 +122,8 @@ class HeadPrune(Stage):
             # measure a unit's output in the residual stream, whose scale grows with depth: they are divided
             # by the RMS norm of the layer's residual input (its square for reconstruction, a squared error;
             # the score's cross_layer says which), so early layers are not taken for cheap
-            # (16Q/4KV Llama G50: raw 372.45, divided 160.96).
+            # (16Q/4KV Llama G50: raw 372.45, divided 160.96). The norm is the typical token's (median), not
+            # the mean, which massive activations on sink tokens inflate 500x in SmolLM2's layers 12-28.
             cross = HEAD_SCORES[c.score].cross_layer
             if cross != "raw":
                 sq = layer_input_sq_norms(ctx.model, ctx.adapter, ctx.calib, ctx.batch_size)

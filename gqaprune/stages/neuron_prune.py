@@ -23,6 +23,7 @@ from gqaprune.ops.surgery import prune_channels
 from gqaprune.schema import Reconstructs, one_of, repair_mode
 from gqaprune.scoring.base import LayerInput
 from gqaprune.scoring.gather import gather_stats
+from gqaprune.scoring.hidden import layer_input_sq_norms
 from gqaprune.scoring.registry import CHANNEL_SCORES
 from gqaprune.scoring.stats import role_paths
 from gqaprune.stages.amounts import aligned_keep, protected
@@ -108,7 +109,15 @@ class NeuronPrune(Stage):
             for i in cand:
                 keep_n[i] = planned["kept"][i]
                 rounding[i] = planned["want"][i] - keep_n[i]
-        else:  # global: rank raw scores across layers (as head_prune does), then align each layer's kept width
+        else:  # global: rank scores across layers (as head_prune does), then align each layer's kept width
+            cross = CHANNEL_SCORES[c.score].cross_layer
+            if cross != "raw":
+                # output written into the residual stream, whose scale grows with depth: measured against the
+                # typical token's residual norm, as head_prune does (with raw scores, activation + least squares
+                # at 25% of SmolLM2-135M's parameters: global 146.91, uniform 98.63)
+                sq = layer_input_sq_norms(ctx.model, ctx.adapter, ctx.calib, ctx.batch_size)
+                power = 1.0 if cross == "residual_mean_square" else 0.5
+                scores = {i: s / float(sq[i]) ** power for i, s in scores.items()}
             total_keep = sum(planned["want"][i] for i in cand)
             normed = [(float(s), i) for i in cand for s in scores[i]]
             normed.sort(reverse=True)

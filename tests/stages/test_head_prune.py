@@ -146,3 +146,36 @@ def test_global_activation_scores_are_measured_against_the_residual_stream(score
                            reconstruct="none", allocation="global")
     rep = HeadPrune(stage).apply(ctx)
     assert rep["removed_per_layer"][0] == 0 and sum(rep["removed_per_layer"]) == 3
+
+
+def _sink_on_first_token(model, adapter, layer: int, factor: float) -> None:
+    """Multiply the residual-stream input of ``layer`` at position 0 by ``factor``: a massive activation on a
+    sink token, as real models carry (SmolLM2-135M: |h| near 25,000 on the first token from layer 12 on)."""
+    def hook(mod, args, kwargs):
+        h = (args[0] if args else kwargs["hidden_states"]).clone()
+        h[:, 0] *= factor
+        return ((h,) + args[1:], kwargs) if args else (args, dict(kwargs, hidden_states=h))
+    decoder_layers(model, adapter)[layer].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("score", ["activation", "reconstruction"])
+def test_global_allocation_is_not_fooled_by_a_massive_activation_on_one_token(score):
+    # the sink makes the MEAN squared residual norm of layer 1's input about 7x larger (one token of 16 at 10x)
+    # while a typical token, and what layer 1's heads compute from it, barely changes (the attention input is
+    # normalized). Divided by that mean, layer 1's heads looked cheap and global allocation took all three
+    # removable heads per group there ([0, 3, 0]); measured against the typical (median) token the
+    # allocation must be the one of the model without the sink.
+    def removed(factor):
+        model = tiny_model("llama")
+        ctx = _ctx(model)
+        if factor:
+            _sink_on_first_token(model, ctx.adapter, 1, factor)
+        stage = HeadPruneStage(type="head_prune", unit="query_head", prune_ratio=0.25, score=score,
+                               reconstruct="none", allocation="global")
+        return HeadPrune(stage).apply(ctx)["removed_per_layer"]
+
+    without = removed(None)
+    with_sink = removed(10.0)
+    assert sum(with_sink) == 3
+    assert with_sink[1] < 3, "layer 1 lost every removable head to a sink token"
+    assert with_sink == without

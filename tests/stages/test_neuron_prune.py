@@ -74,3 +74,17 @@ def test_global_allocation_prunes_where_channels_matter_least():
     widths = [l["width_after"] for l in rep["layers"]]
     # 3 x 72 kept in all: layer 0 gives up 72 of its 96 channels before the others give any
     assert widths == [24, 96, 96], widths
+
+
+def test_global_activation_scores_are_measured_against_the_residual_stream():
+    # embeddings scaled down 1000x: layer 0's residual input is tiny, so its channels, whose outputs are as
+    # large as any layer's (the MLP input is normalized), matter most relative to the stream they write into;
+    # ranked raw they looked as cheap as the others. Global allocation must keep layer 0 whole.
+    model = tiny_model("llama")
+    ctx = _ctx(model)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1e-3)
+    stage = NeuronPruneStage(type="neuron_prune", prune_ratio=0.25, align=8, score="activation",
+                             reconstruct="none", allocation="global")
+    widths = [l["width_after"] for l in NeuronPrune(stage).apply(ctx)["layers"]]
+    assert widths[0] == 96 and sum(widths) == 3 * 72, widths

@@ -26,6 +26,7 @@ class HeadActivation(Score):
 
 class ChannelActivation(Score):
     name, axis = "activation", "channels"
+    cross_layer = "residual_rms"  # global neuron_prune: measured against the residual stream (as heads)
     needs = frozenset({"input_sq"})
 
     def compute(self, u: LayerInput):

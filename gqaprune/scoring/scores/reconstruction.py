@@ -31,6 +31,7 @@ class HeadReconstruction(Score):
 
 class ChannelReconstruction(Score):
     name, axis = "reconstruction", "channels"
+    cross_layer = "residual_mean_square"  # global neuron_prune: measured against the residual stream (as heads)
     needs = frozenset({"gram"})
 
     def compute(self, u: LayerInput):

@@ -83,6 +83,8 @@ def simulate(recipe: Recipe, config, adapter: Adapter) -> list[StagePlan]:
     convert = check_save_as(recipe, config, arch)
     saved_arch = MISTRAL_TO if convert else arch
     built = [build_stage(st) for st in recipe.stages]
+    if recipe.calibration.pipeline == "layerwise":
+        check_layerwise_model(config)
     for si, stage in enumerate(built):
         where = f"stages[{si}] {stage.name}"
         shapes = model_shapes(model, adapter)
@@ -120,6 +122,15 @@ def simulate(recipe: Recipe, config, adapter: Adapter) -> list[StagePlan]:
                 "is saved with per-layer shapes (reload with gqaprune.load_pretrained or trust_remote_code=True"
                 + ("; save_as: mistral saves a folder stock from_pretrained reloads)" if mistral else ")"))
     return plans
+
+
+def check_layerwise_model(config) -> None:
+    """What ``calibration.pipeline: layerwise`` needs of the model: one attention kind in every layer (it runs
+    every layer with the mask and positions captured at the first layer's input)."""
+    kinds = sorted(set(getattr(config, "layer_types", None) or []))
+    if len(kinds) > 1:
+        raise InputError(f"calibration.pipeline: layerwise: the model mixes attention kinds {kinds} (sliding-window "
+                         "layers), which need a different mask per layer; use calibration.pipeline: in_memory")
 
 
 def reshape_placeholder(model, adapter: Adapter, before: list[dict], after: list[dict]) -> None:

@@ -16,9 +16,11 @@ from pydantic import Field, ValidationError, model_validator
 
 from gqaprune.errors import InputError
 from gqaprune.schema import Strict, TextSource
+from gqaprune.scoring.registry import CHANNEL_SCORES, HEAD_SCORES
 from gqaprune.stages import STAGES
 
 RECIPE_VERSION = 1
+STAGE_SCORES = {"head_prune": HEAD_SCORES, "neuron_prune": CHANNEL_SCORES}  # the scores a pruning stage picks from
 STAGE_TYPES = tuple(STAGES)  # stage type names, in the order error messages list them
 
 # each stage's config lives in its own module; re-exported here (tests and scripts import them from the recipe)
@@ -41,6 +43,10 @@ class Calibration(TextSource):
     batch_size: int = Field(8, ge=1)
     sequential: bool = Field(
         False, description="prune and reconstruct layer by layer, feeding each layer the already pruned prefix's outputs"
+    )
+    pipeline: Literal["in_memory", "layerwise"] = Field(
+        "in_memory", description="in_memory: load the whole model; layerwise: load, prune, repair and write one "
+        "decoder layer at a time from the source safetensors (models larger than memory; layer-local scores only)"
     )
 
 
@@ -107,6 +113,8 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _cross_stage(self):
         check_stage_order(self.stages)
+        if self.calibration.pipeline == "layerwise":
+            check_layerwise(self)
         return self
 
 
@@ -116,6 +124,35 @@ def check_stage_order(stages: list) -> None:
         if STAGES[st.type].writes_output and i != len(stages) - 1:  # awq: it quantizes the saved model
             after = ", ".join(s.type for s in stages[i + 1:])
             raise ValueError(f"stages[{i}] {st.type} must be the last stage (found after it: {after})")
+
+
+def check_layerwise(recipe) -> None:
+    """What ``calibration.pipeline: layerwise`` can run (gqaprune.execution.layerwise): stages whose
+    ``layer_local()`` holds, plus two the pipeline runs with extra sweeps over the layers: layer_drop as the
+    first stage (a hidden-state sweep) and global allocation with a layer-local score (a scoring sweep)."""
+    for i, st in enumerate(recipe.stages):
+        where = f"stages[{i}] {st.type}"
+        stage = STAGES[st.type](st)
+        if stage.layer_local():
+            continue
+        if st.type == "layer_drop":
+            if i != 0:
+                raise ValueError(f"{where}: with calibration.pipeline: layerwise, layer_drop must be the first stage")
+            continue
+        scores = STAGE_SCORES.get(st.type)
+        if scores is None:  # recover, awq
+            raise ValueError(f"{where} needs the whole pruned model and cannot run with calibration.pipeline: "
+                             "layerwise; run it in a second recipe on the layer-wise output (or use pipeline: in_memory)")
+        if not scores[st.score].layer_local:
+            why = "needs whole-model gradients" if scores[st.score].needs_gradients else "measures the whole model's loss"
+            local = ", ".join(n for n, s in scores.items() if s.layer_local)
+            raise ValueError(f"{where}: score {st.score} {why} and cannot run with calibration.pipeline: layerwise; "
+                             f"use a layer-local score: {local} (or calibration.pipeline: in_memory)")
+        if st.allocation != "global":
+            raise ValueError(f"{where}: allocation {st.allocation} is not available with calibration.pipeline: "
+                             "layerwise; use uniform or global")
+    if recipe.save_as != "auto":
+        raise ValueError("save_as: mistral is not available with calibration.pipeline: layerwise; use save_as: auto")
 
 
 def default_eval(recipe: Recipe) -> EvalConfig:

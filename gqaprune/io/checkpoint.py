@@ -161,6 +161,30 @@ def _as_dtype(dtype) -> torch.dtype | None:
     return value
 
 
+def fix_config_json(folder: Path, stock: type, target: torch.dtype | None, uniform: bool, old_auto_map) -> None:
+    """Rewrite ``folder/config.json``: stock architecture name, exact auto_map (the per-layer class for a
+    per-layer model, whose modeling file is copied beside it), saved dtype."""
+    cfg_path = folder / "config.json"
+    data = json.loads(cfg_path.read_text(encoding="utf-8"))
+    data["architectures"] = [stock.__name__]
+    data.pop("auto_map", None)
+    if target is not None:
+        data["dtype"] = str(target).removeprefix("torch.")
+    custom = not stock.__module__.startswith("transformers.")
+    if custom and old_auto_map:
+        data["auto_map"] = old_auto_map  # a remote-code architecture: keep the author's code references
+    if not uniform:
+        data["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{modeling_perlayer.per_layer_class(stock).__name__}"}
+        shutil.copyfile(Path(modeling_perlayer.__file__), folder / MODELING_FILE)
+    else:
+        for key in PER_LAYER_KEYS:
+            data.pop(key, None)
+        stale = folder / MODELING_FILE
+        if stale.exists():
+            stale.unlink()
+    cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def save_model(model: nn.Module, adapter: Adapter, folder, tokenizer=None, dtype=None) -> dict:
     """Write the model (safetensors), config, generation config and tokenizer into ``folder``.
 
@@ -188,26 +212,7 @@ def save_model(model: nn.Module, adapter: Adapter, folder, tokenizer=None, dtype
         elif "auto_map" in config.__dict__:
             del config.auto_map
 
-    # Fix up config.json: stock architecture name, exact auto_map, saved dtype.
-    cfg_path = folder / "config.json"
-    data = json.loads(cfg_path.read_text(encoding="utf-8"))
-    data["architectures"] = [stock.__name__]
-    data.pop("auto_map", None)
-    if target is not None:
-        data["dtype"] = str(target).removeprefix("torch.")
-    custom = not stock.__module__.startswith("transformers.")
-    if custom and old_auto_map:
-        data["auto_map"] = old_auto_map  # a remote-code architecture: keep the author's code references
-    if not uniform:
-        data["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{modeling_perlayer.per_layer_class(stock).__name__}"}
-        shutil.copyfile(Path(modeling_perlayer.__file__), folder / MODELING_FILE)
-    else:
-        for key in PER_LAYER_KEYS:
-            data.pop(key, None)
-        stale = folder / MODELING_FILE
-        if stale.exists():
-            stale.unlink()
-    cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    fix_config_json(folder, stock, target, uniform, old_auto_map)
     for pattern in PICKLE_PATTERNS:
         for f in folder.glob(pattern):
             raise CheckFailed(f"save wrote a pickle file '{f.name}'; gqaprune saves safetensors only")

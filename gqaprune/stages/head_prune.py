@@ -56,6 +56,22 @@ class HeadPruneStage(Reconstructs):
         return self
 
 
+def choose_heads(unit: str, q: torch.Tensor, grp: torch.Tensor, r: int) -> tuple[dict[int, list[int]], list[int]]:
+    """The ``r`` lowest-scoring groups (unit group) or query heads per group (query_head) of one layer removed:
+    (kept KV head -> kept query heads, removed KV heads). q: (n_kv, G) head scores, grp: (n_kv,).
+    Shared with the layer-wise pipeline (gqaprune.execution)."""
+    nkv, g = q.shape
+    if unit == "group":
+        order = sorted(range(nkv), key=lambda j: (float(grp[j]), j))
+        removed_kv = sorted(order[:r])
+        return {j: [j * g + h for h in range(g)] for j in range(nkv) if j not in removed_kv}, removed_kv
+    keep = {}
+    for j in range(nkv):
+        order = sorted(range(g), key=lambda h: (float(q[j, h]), h))
+        keep[j] = sorted(j * g + h for h in order[r:])
+    return keep, []
+
+
 class HeadPrune(Stage):
     name = "head_prune"
     Config = HeadPruneStage
@@ -104,7 +120,9 @@ class HeadPrune(Stage):
 
     # -- allocation --------------------------------------------------------------------------
     def per_layer_removals(self, ctx: RunContext, scores: dict[int, tuple], prot: set[int], n_remove: int,
-                           n_layers: int) -> dict[int, int]:
+                           n_layers: int, input_sq_norms: torch.Tensor | None = None) -> dict[int, int]:
+        """Removals per layer. ``input_sq_norms`` (L,): the layers' mean squared residual-input norms when the
+        caller has them (the layer-wise pipeline); otherwise measured here with a pass of ctx.model."""
         c = self.cfg
         cand = [i for i in range(n_layers) if i not in prot]
         if c.unit == "group":
@@ -126,7 +144,8 @@ class HeadPrune(Stage):
             # the mean, which massive activations on sink tokens inflate 500x in SmolLM2's layers 12-28.
             cross = HEAD_SCORES[c.score].cross_layer
             if cross != "raw":
-                sq = layer_input_sq_norms(ctx.model, ctx.adapter, ctx.calib, ctx.batch_size)
+                sq = input_sq_norms if input_sq_norms is not None else \
+                    layer_input_sq_norms(ctx.model, ctx.adapter, ctx.calib, ctx.batch_size)
                 power = 1.0 if cross == "residual_mean_square" else 0.5
                 scores = {i: (q / float(sq[i]) ** power, grp / float(sq[i]) ** power) for i, (q, grp) in scores.items()}
             steps = []
@@ -174,16 +193,7 @@ class HeadPrune(Stage):
             q, grp = scores[i]
             nkv, g = q.shape
             r = removals[i]
-            if c.unit == "group":
-                order = sorted(range(nkv), key=lambda j: (float(grp[j]), j))
-                removed_kv = sorted(order[:r])
-                keep = {j: [j * g + h for h in range(g)] for j in range(nkv) if j not in removed_kv}
-            else:
-                keep = {}
-                for j in range(nkv):
-                    order = sorted(range(g), key=lambda h: (float(q[j, h]), h))
-                    keep[j] = sorted(j * g + h for h in order[r:])
-                removed_kv = []
+            keep, removed_kv = choose_heads(c.unit, q, grp, r)
             kept_q = sorted(h for qs in keep.values() for h in qs)
             entry = {
                 "layer": i,

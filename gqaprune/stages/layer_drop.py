@@ -84,6 +84,19 @@ class LayerDrop(Stage):
     def layer_local(self) -> bool:
         return False  # scores compare hidden states across layers
 
+    def choose(self, cos: torch.Tensor, n_layers: int, n: int, lo: int, hi: int) -> tuple[list, list[int]]:
+        """(per-layer scores, dropped layers): ``n`` of the candidates [lo, hi) (the plan's counts) from
+        D[i, j] = mean cos(h_i, h_j); block_influence reads only D[i, i+1] and angular_block only D[i, i+n]
+        (the layer-wise pipeline fills just those)."""
+        if self.cfg.score == "block_influence":
+            scores = [1.0 - float(cos[i, i + 1]) for i in range(n_layers)]
+            order = sorted(range(lo, hi), key=lambda i: (scores[i], i))
+            return scores, sorted(order[:n])
+        scores = [math.acos(max(-1.0, min(1.0, float(cos[i, i + n])))) / math.pi if i + n <= n_layers else None
+                  for i in range(n_layers)]
+        best = min(range(lo, hi - n + 1), key=lambda i: (scores[i], i))
+        return scores, list(range(best, best + n))
+
     def apply(self, ctx: RunContext) -> dict:
         c = self.cfg
         n_layers = len(decoder_layers(ctx.model, ctx.adapter))
@@ -91,16 +104,7 @@ class LayerDrop(Stage):
         n = counts["drop"]
         lo, hi = counts["candidates"]  # candidates: [lo, hi)
         cos = layer_distances(ctx.model, ctx.adapter, ctx.calib, ctx.batch_size, ctx.progress)
-        if c.score == "block_influence":
-            scores = [1.0 - float(cos[i, i + 1]) for i in range(n_layers)]
-            order = sorted(range(lo, hi), key=lambda i: (scores[i], i))
-            dropped = sorted(order[:n])
-        else:
-            scores = [math.acos(max(-1.0, min(1.0, float(cos[i, i + n])))) / math.pi if i + n <= n_layers else None
-                      for i in range(n_layers)]
-            starts = [i for i in range(lo, hi - n + 1)]
-            best = min(starts, key=lambda i: (scores[i], i))
-            dropped = list(range(best, best + n))
+        scores, dropped = self.choose(cos, n_layers, n, lo, hi)
         repairs = []
         reconstruct, note = layer_drop_reconstruct(c, ctx.adapter)
         if reconstruct == "least_squares":

@@ -84,6 +84,22 @@ class NeuronPrune(Stage):
                        shape["num_key_value_heads"], hd, width, damp=c.reconstruct_damp, generator=ctx.generator)
         return CHANNEL_SCORES[c.score].compute(u)
 
+    def global_widths(self, ctx: RunContext, scores: dict[int, torch.Tensor], want: dict[int, int], widths: list[int],
+                      input_sq_norms: torch.Tensor | None = None) -> tuple[dict[int, int], dict[int, int]]:
+        """Global allocation: (kept width, rounded-down-by) per unprotected layer. ``input_sq_norms`` (L,): the
+        layers' mean squared residual-input norms when the caller has them (the layer-wise pipeline); otherwise
+        measured here with a pass of ctx.model."""
+        cross = CHANNEL_SCORES[self.cfg.score].cross_layer
+        if cross != "raw":
+            # output written into the residual stream, whose scale grows with depth: measured against the
+            # typical token's residual norm, as head_prune does (with raw scores, activation + least squares
+            # at 25% of SmolLM2-135M's parameters: global 146.91, uniform 98.63)
+            sq = input_sq_norms if input_sq_norms is not None else \
+                layer_input_sq_norms(ctx.model, ctx.adapter, ctx.calib, ctx.batch_size)
+            power = 1.0 if cross == "residual_mean_square" else 0.5
+            scores = {i: s / float(sq[i]) ** power for i, s in scores.items()}
+        return global_keep(self.cfg.align, want, widths, scores)
+
     def apply(self, ctx: RunContext) -> dict:
         c, model, adapter = self.cfg, ctx.model, ctx.adapter
         check_output_norms(c, adapter, "neuron_prune")
@@ -109,25 +125,8 @@ class NeuronPrune(Stage):
             for i in cand:
                 keep_n[i] = planned["kept"][i]
                 rounding[i] = planned["want"][i] - keep_n[i]
-        else:  # global: rank scores across layers (as head_prune does), then align each layer's kept width
-            cross = CHANNEL_SCORES[c.score].cross_layer
-            if cross != "raw":
-                # output written into the residual stream, whose scale grows with depth: measured against the
-                # typical token's residual norm, as head_prune does (with raw scores, activation + least squares
-                # at 25% of SmolLM2-135M's parameters: global 146.91, uniform 98.63)
-                sq = layer_input_sq_norms(ctx.model, ctx.adapter, ctx.calib, ctx.batch_size)
-                power = 1.0 if cross == "residual_mean_square" else 0.5
-                scores = {i: s / float(sq[i]) ** power for i, s in scores.items()}
-            total_keep = sum(planned["want"][i] for i in cand)
-            normed = [(float(s), i) for i in cand for s in scores[i]]
-            normed.sort(reverse=True)
-            counts = {i: 0 for i in cand}
-            for _, i in normed[:total_keep]:
-                counts[i] += 1
-            for i in cand:
-                want = max(counts[i], c.align)
-                keep_n[i] = min(max(c.align, want // c.align * c.align), widths[i])
-                rounding[i] = want - keep_n[i]
+        else:
+            keep_n, rounding = self.global_widths(ctx, scores, planned["want"], widths)
 
         per_layer = []
         for i in range(n_layers):

@@ -1,0 +1,529 @@
+"""calibration.pipeline: layerwise — prune a model one decoder layer at a time, never holding it whole.
+
+The calibration windows go through the embeddings once; from then on the run works on cached hidden
+states. A *sweep* visits the decoder layers in order: it reads one layer's tensors from the source
+safetensors (gqaprune.execution.weights), runs the cached hidden states through it, applies the
+recipe's stages to that layer, and frees it before the next one is read.
+
+The result is the same as the in-memory run with ``calibration.sequential: true``, where stage k
+scores every layer of the model left by stages < k, and repairs layer i against the model before
+stage k given the inputs the already pruned layers < i of stage k produce. To reproduce that one layer
+at a time the run keeps K+1 hidden-state streams for K pruning stages: stream k is the input of the
+current layer in the model after stages < k. At layer i, stage k takes its statistics (and its dense
+targets) from stream k through the layer as stage k-1 left it, prunes, and repairs with the inputs
+of stream k+1 through the pruned layer. Memory: one layer, its statistics, (K+1) x tokens x hidden
+activations (and the dense inputs of the repaired projection, tokens x its width).
+
+Sweeps, each reading every kept layer from disk once:
+- layer_drop (only as the first stage): a hidden-state sweep for the layer scores (cosines between
+  consecutive streams, or n apart for angular_block), then with least_squares a sweep up to the last
+  dropped run for the residual repair statistics; dropped layers are never read again.
+- every pruning stage with allocation: global: a scoring sweep that applies the stages before it to
+  each layer (again: their repairs are recomputed, not stored) and records the stage's scores; the
+  allocation is then decided over the whole model. Cost: one more pass of the calibration data through
+  the model (and the earlier stages' solves) per global stage.
+- the main sweep: every stage on every kept layer, written to the output shards as it finishes.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from gqaprune.arch.adapter import decoder_layers, get_module, head_dim_of, layer_shape
+from gqaprune.context import RunContext
+from gqaprune.errors import InputError
+from gqaprune.execution.weights import (SafetensorsFolder, ShardWriter, build_shell, live_layers, load_non_layer,
+                                        materialize_layer, release_layer)
+from gqaprune.ops.reconstruct import relative_error, repair, repair_paired, repair_residual
+from gqaprune.ops.surgery import drop_layers, prune_channels, prune_heads
+from gqaprune.scoring.stats import Stats, role_paths, watch_inputs
+from gqaprune.stages.amounts import aligned_keep, heads_removed, protected
+from gqaprune.stages.head_prune import HeadPrune, choose_heads
+from gqaprune.stages.layer_drop import LayerDrop, contiguous_runs
+from gqaprune.stages.neuron_prune import NeuronPrune, global_keep
+
+
+class _Stop(Exception):
+    pass
+
+
+# --- running cached hidden states through one layer ------------------------------------------------
+
+
+@dataclass
+class Stream:
+    """Hidden states at one point of the model, per calibration batch (B, T, H), with the keyword
+    arguments the model gives its decoder layers for that batch (mask, positions, rotary cos/sin)."""
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+
+    def copy(self) -> "Stream":
+        return Stream(list(self.hidden), self.kwargs)
+
+
+def embed(shell, adapter, ids: torch.Tensor, batch_size: int) -> Stream:
+    """Run the model's forward up to its first decoder layer for each batch of ``ids`` (N, T)."""
+    first = decoder_layers(shell, adapter)[0]
+    hidden, kwargs = [], []
+
+    def grab(mod, args, kw):
+        hidden.append((args[0] if args else kw.pop("hidden_states")).detach())
+        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    h = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for b in range(0, ids.shape[0], batch_size):
+            try:
+                with torch.no_grad():
+                    shell(input_ids=ids[b: b + batch_size], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return Stream(hidden, kwargs)
+
+
+def run_layer(layer, stream: Stream) -> list[torch.Tensor]:
+    out = []
+    with torch.no_grad():
+        for h, kw in zip(stream.hidden, stream.kwargs):
+            y = layer(h, **kw)
+            out.append((y[0] if isinstance(y, tuple) else y).detach())
+    return out
+
+
+def role_inputs(layer, role: str, stream: Stream) -> list[torch.Tensor]:
+    """Per batch, the input (tokens, in) of the projection ``role`` of ``layer``; the forward stops there."""
+    mod = get_module(layer, role)
+    xs = []
+
+    def grab(m, args):
+        xs.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        raise _Stop
+
+    h = mod.register_forward_pre_hook(grab)
+    try:
+        with torch.no_grad():
+            for hid, kw in zip(stream.hidden, stream.kwargs):
+                try:
+                    layer(hid, **kw)
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+    return xs
+
+
+def paired_grams_from(xs_dense: list[torch.Tensor], xs_kept: list[torch.Tensor]):
+    """(X^T X, X^T X', X'^T X') in float64, accumulated batch by batch as gqaprune.ops.sequential does."""
+    c_dense = cross = c_kept = 0
+    for x, xp in zip(xs_dense, xs_kept):
+        x, xp = x.double().cpu(), xp.double().cpu()
+        c_dense = c_dense + x.T @ x
+        cross = cross + x.T @ xp
+        c_kept = c_kept + xp.T @ xp
+    return c_dense, cross, c_kept
+
+
+# --- one pruning stage on one layer ------------------------------------------------------------------
+
+
+@dataclass
+class StageRun:
+    """A head_prune or neuron_prune stage as the layer-wise pipeline runs it."""
+    cfg: object
+    sequential: bool
+    decision: dict[int, int] | None = None  # global allocation: layer -> removals (heads) / kept width (neurons)
+    scores: dict[int, object] = field(default_factory=dict)  # filled by a scoring sweep
+    sq_norms: dict[int, float] = field(default_factory=dict)  # layer -> mean ||h||^2 of its input
+    layers: list[dict] = field(default_factory=list)  # report entries
+
+    @property
+    def heads(self) -> bool:
+        return self.cfg.type == "head_prune"
+
+    def role(self, adapter) -> str:
+        return adapter.layer.o if self.heads else adapter.layer.down
+
+    def watches_inputs(self) -> bool:
+        c = self.cfg
+        gram = self.wants_gram()
+        return gram or c.score in (("activation",) if self.heads else ("activation", "frequency"))
+
+    def wants_gram(self) -> bool:
+        c = self.cfg
+        return (c.reconstruct == "least_squares" and not self.sequential) or c.score == "reconstruction"
+
+
+def layer_stats(ctx, sr: StageRun, j: int, layer, stream: Stream) -> tuple[Stats, list, list | None]:
+    """Stage statistics of layer ``j`` on ``stream``; (stats, the layer's outputs, dense role inputs)."""
+    stats = Stats()
+    role = sr.role(ctx.adapter)
+    path = role_paths(ctx.adapter, j, ["o" if sr.heads else "down"])["o" if sr.heads else "down"]
+    handles, dense = [], []
+    if sr.watches_inputs():
+        hd = head_dim_of(ctx.model.config, ctx.adapter) if sr.heads else None
+        fire = sr.cfg.frequency_threshold if (not sr.heads and sr.cfg.score == "frequency") else None
+        handles.append(watch_inputs(stats, get_module(layer, role), path, head_dim=hd, fire_threshold=fire,
+                                    gram=sr.wants_gram()))
+    if sr.sequential:
+        handles.append(get_module(layer, role).register_forward_pre_hook(
+            lambda m, args: dense.append(args[0].detach().reshape(-1, args[0].shape[-1]))))
+    try:
+        out = run_layer(layer, stream)
+    finally:
+        for h in handles:
+            h.remove()
+    stats.tokens = sum(h.shape[0] * h.shape[1] for h in stream.hidden)
+    return stats, out, (dense if sr.sequential else None)
+
+
+def layer_scores(ctx, sr: StageRun, j: int, stats: Stats):
+    if sr.heads:
+        return HeadPrune(sr.cfg).layer_scores(ctx, stats, j)
+    width = layer_shape(decoder_layers(ctx.model, ctx.adapter)[j], ctx.adapter,
+                        head_dim_of(ctx.model.config, ctx.adapter))["intermediate_size"]
+    return NeuronPrune(sr.cfg).layer_scores(ctx, stats, j, width).float()
+
+
+def _repair_layer(ctx, sr: StageRun, j: int, layer, w_old, cols, stats, dense, pruned_input: Stream) -> dict:
+    """Least-squares repair of the role projection after pruning (sequential: against the dense inputs)."""
+    c = sr.cfg
+    mod = get_module(layer, sr.role(ctx.adapter))
+    if sr.sequential:
+        grams = paired_grams_from(dense, role_inputs(layer, sr.role(ctx.adapter), pruned_input))
+        slice_err = relative_error(w_old.cpu(), grams[0], cols, w_old.cpu()[:, cols])
+        new_w, err = repair_paired(w_old, *grams, c.reconstruct_damp)
+        err["rel_error_slice_dense_inputs"] = slice_err
+    else:
+        path = role_paths(ctx.adapter, j, ["o" if sr.heads else "down"])["o" if sr.heads else "down"]
+        new_w, err = repair(w_old, stats.gram[path], cols, c.reconstruct_damp)
+    with torch.no_grad():
+        mod.weight.copy_(new_w)
+    return err
+
+
+def prune_layer(ctx, sr: StageRun, j: int, layer, scores, stats, dense, pruned_input: Stream) -> dict:
+    """Apply stage ``sr`` to layer ``j`` (scores given); returns the report entry."""
+    c, adapter = sr.cfg, ctx.adapter
+    hd = head_dim_of(ctx.model.config, adapter)
+    shape = layer_shape(layer, adapter, hd)
+    n_layers = len(decoder_layers(ctx.model, adapter))
+    prot = protected(c.protect_layers, n_layers, c.type)
+    mod = get_module(layer, sr.role(adapter))
+    if sr.heads:
+        q, grp = scores
+        n_remove = heads_removed(c, shape["num_attention_heads"], shape["num_key_value_heads"])
+        r = sr.decision[j] if sr.decision is not None else (0 if j in prot else n_remove)
+        keep, removed_kv = choose_heads(c.unit, q, grp, r)
+        kept_q = sorted(h for qs in keep.values() for h in qs)
+        entry = {"layer": j, "removed": r, "removed_kv_heads": removed_kv,
+                 "removed_q_heads": sorted(set(range(q.numel())) - set(kept_q))}
+        if r > 0:
+            w_old = mod.weight.detach().clone()
+            prune_heads(ctx.model, adapter, j, keep)
+            cols = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in kept_q])
+            if c.reconstruct == "least_squares":
+                entry.update(_repair_layer(ctx, sr, j, layer, w_old, cols, stats, dense, pruned_input))
+        after = layer_shape(layer, adapter, hd)
+        entry.update(heads_after=after["num_attention_heads"], kv_heads_after=after["num_key_value_heads"])
+        return entry
+    width = shape["intermediate_size"]
+    if sr.decision is not None:
+        keep_n = sr.decision.get(j, width)
+    else:
+        keep_n = width if j in prot else aligned_keep(width, c)[0]
+    entry = {"layer": j, "width_before": width}
+    if keep_n < width:
+        order = torch.argsort(scores, descending=True, stable=True)
+        keep = torch.sort(order[:keep_n]).values
+        w_old = mod.weight.detach().clone()
+        prune_channels(ctx.model, adapter, j, keep.tolist())
+        if c.reconstruct == "least_squares":
+            entry.update(_repair_layer(ctx, sr, j, layer, w_old, keep, stats, dense, pruned_input))
+        entry["kept_channels"] = keep.tolist()
+    entry["width_after"] = layer_shape(layer, adapter, hd)["intermediate_size"]
+    return entry
+
+
+# --- sweeps ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pipeline:
+    ctx: RunContext  # ctx.model is the shell
+    weights: SafetensorsFolder
+    dtype: torch.dtype
+    source_index: list[int]  # shell layer j -> layer index in the source files
+    drop_repairs: dict[int, tuple] = field(default_factory=dict)  # source layer -> repair_residual statistics
+    damp: float = 0.01
+    max_live_layers: int = 0
+    drop_errors: dict[int, dict] = field(default_factory=dict)  # source layer -> repair_residual errors
+    pristine: list | None = None  # meta copies of the shell's layers as in the source (a sweep prunes the shell's)
+
+    def reset(self) -> None:
+        """Remember the shell's layer shapes now; every later ``load`` starts from them."""
+        self.pristine = [copy.deepcopy(layer) for layer in decoder_layers(self.ctx.model, self.ctx.adapter)]
+
+    def load(self, j: int):
+        if self.pristine is not None:
+            decoder_layers(self.ctx.model, self.ctx.adapter)[j] = copy.deepcopy(self.pristine[j])
+        layer = materialize_layer(self.ctx.model, self.ctx.adapter, j, self.weights, self.source_index[j], self.dtype)
+        self.max_live_layers = max(self.max_live_layers, live_layers(self.ctx.model, self.ctx.adapter))
+        src = self.source_index[j]
+        if src in self.drop_repairs:  # the kept layer before a dropped run also writes what the run added
+            down = get_module(layer, self.ctx.adapter.layer.down)
+            new_w, self.drop_errors[src] = repair_residual(down.weight, *self.drop_repairs[src], self.damp)
+            with torch.no_grad():
+                down.weight.copy_(new_w)
+        return layer
+
+
+def sweep(pipe: Pipeline, stages: list[StageRun], streams: list[Stream], score_stage: int | None,
+          writer=None, probe: Stream | None = None, desc: str = "layer-wise") -> None:
+    """Visit every layer: stages < score_stage are applied, stage score_stage only records its scores
+    (a scoring sweep); with score_stage None every stage is applied and the layer is written."""
+    ctx = pipe.ctx
+    n = len(decoder_layers(ctx.model, ctx.adapter))
+    last = len(stages) if score_stage is None else score_stage
+    for j in tqdm(range(n), desc=desc, disable=not ctx.progress, leave=False):
+        layer = pipe.load(j)
+        for k in range(last + (score_stage is not None)):
+            sr = stages[k]
+            stats, out, dense = layer_stats(ctx, sr, j, layer, streams[k])
+            scores = layer_scores(ctx, sr, j, stats)
+            if k == score_stage:
+                sr.scores[j] = scores
+                sr.sq_norms[j] = sum(float(h.double().pow(2).sum(-1).sum()) for h in streams[k].hidden) / stats.tokens
+            else:
+                entry = prune_layer(ctx, sr, j, layer, scores, stats, dense, streams[k + 1])
+                if score_stage is None:
+                    sr.layers.append(entry)
+            streams[k].hidden = out
+        if score_stage is None:
+            streams[last].hidden = run_layer(layer, streams[last])
+            if probe is not None:
+                probe.hidden = run_layer(layer, probe)
+            prefix = f"{ctx.adapter.model.layers}.{j}."
+            writer.write({prefix + name: t.to(writer.dtype) for name, t in layer.state_dict().items()})
+        release_layer(ctx.model, ctx.adapter, j)
+
+
+def decide_global(ctx, sr: StageRun) -> None:
+    """The global allocation of stage ``sr`` from the scores of its scoring sweep."""
+    c = sr.cfg
+    adapter = ctx.adapter
+    n = len(decoder_layers(ctx.model, adapter))
+    hd = head_dim_of(ctx.model.config, adapter)
+    shapes = [layer_shape(layer, adapter, hd) for layer in decoder_layers(ctx.model, adapter)]  # meta: shapes only
+    prot = protected(c.protect_layers, n, c.type)
+    if sr.heads:
+        n_remove = heads_removed(c, shapes[0]["num_attention_heads"], shapes[0]["num_key_value_heads"])
+        sq = torch.tensor([sr.sq_norms[i] for i in range(n)], dtype=torch.float64)
+        sr.decision = HeadPrune(c).per_layer_removals(ctx, sr.scores, prot, n_remove, n, input_sq_norms=sq)
+    else:
+        cand = [i for i in range(n) if i not in prot]
+        sr.decision, _ = global_keep(c, cand, [s["intermediate_size"] for s in shapes], sr.scores)
+    sr.scores = {}
+
+
+# --- layer drop -----------------------------------------------------------------------------------
+
+
+def drop_decision(pipe: Pipeline, cfg, start: Stream) -> dict:
+    """Hidden-state sweep over the source layers: layer scores, dropped layers; then the repair statistics."""
+    ctx = pipe.ctx
+    drop = LayerDrop(cfg)
+    n_layers = len(decoder_layers(ctx.model, ctx.adapter))
+    n = drop.count(n_layers)
+    gap = 1 if cfg.score == "block_influence" else n
+    cos = torch.zeros(n_layers + 1, n_layers + 1, dtype=torch.float64)
+    window = [_unit(start.hidden)]  # unit-normalised hidden states of the last gap+1 layer boundaries
+    stream = start.copy()
+    for j in tqdm(range(n_layers), desc="layer scores (layer-wise)", disable=not ctx.progress, leave=False):
+        layer = pipe.load(j)
+        stream.hidden = run_layer(layer, stream)
+        release_layer(ctx.model, ctx.adapter, j)
+        window.append(_unit(stream.hidden))
+        if len(window) > gap + 1:
+            window.pop(0)
+        if len(window) == gap + 1:
+            count = sum(u.shape[0] for u in window[0])
+            cos[j + 1 - gap, j + 1] = sum(float(torch.einsum("th,th->", a, b)) for a, b in zip(window[0], window[-1]))
+            cos[j + 1 - gap, j + 1] /= count
+    scores, dropped = drop.choose(cos, n_layers)
+    repairs = []
+    if cfg.reconstruct == "least_squares":
+        runs = contiguous_runs(dropped)
+        pipe.drop_repairs = residual_sweep(pipe, runs, start)
+        for s, e in runs:
+            repairs.append({"dropped": list(range(s, e)), "repaired_layer": s - 1 if s > 0 else None}
+                           if s > 0 else {"dropped": list(range(s, e)), "repaired_layer": None,
+                                          "why_not": "no kept layer before layer 0"})
+    return {"reconstruct": cfg.reconstruct, "repairs": repairs, "score": cfg.score, "layer_scores": scores,
+            "dropped_layers": dropped, "num_layers_before": n_layers, "num_layers_after": n_layers - len(dropped)}
+
+
+def _unit(hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.nn.functional.normalize(h.float().reshape(-1, h.shape[-1]), dim=-1) for h in hidden]
+
+
+def residual_sweep(pipe: Pipeline, runs: list[tuple[int, int]], start: Stream) -> dict[int, tuple]:
+    """For each dropped run (s, e), s >= 1: (X^T X, X^T (h_e - h_s), ||h_e - h_s||^2) with X the down
+    projection's inputs in layer s-1, accumulated batch by batch as gqaprune.scoring.hidden.residual_stats;
+    keyed by the repaired layer s-1."""
+    ctx = pipe.ctx
+    runs = [(s, e) for s, e in runs if s > 0]
+    if not runs:
+        return {}
+    xs: dict[int, list] = {}
+    h_start: dict[int, list] = {}
+    out: dict[int, tuple] = {}
+    stream = start.copy()
+    for j in tqdm(range(max(e for _, e in runs)), desc="layer repair stats (layer-wise)", disable=not ctx.progress,
+                  leave=False):
+        layer = pipe.load(j)
+        starts_here = [s for s, _ in runs if s - 1 == j]
+        xs_j: list[torch.Tensor] = []
+        h = get_module(layer, ctx.adapter.layer.down).register_forward_pre_hook(
+            lambda m, args: xs_j.append(args[0].detach().float().reshape(-1, args[0].shape[-1])))
+        try:
+            stream.hidden = run_layer(layer, stream)
+        finally:
+            h.remove()
+        release_layer(ctx.model, ctx.adapter, j)
+        if starts_here:
+            xs[j + 1] = xs_j
+        for s in starts_here:
+            h_start[s] = list(stream.hidden)
+        for s, e in runs:
+            if e == j + 1:
+                c = cross = None
+                delta_sq = 0.0
+                for x, hs, he in zip(xs.pop(s), h_start.pop(s), stream.hidden):
+                    d = (he.float() - hs.float()).reshape(x.shape[0], -1)  # (tokens, hidden): what the run added
+                    if c is None:
+                        c = torch.zeros(x.shape[1], x.shape[1])
+                        cross = torch.zeros(x.shape[1], d.shape[1])
+                    c.addmm_(x.T, x)
+                    cross.addmm_(x.T, d)
+                    delta_sq += float(d.double().pow(2).sum())
+                out[s - 1] = (c, cross, delta_sq)
+    return out
+
+
+# --- the whole run --------------------------------------------------------------------------------
+
+
+def _check_uniform_attention(shell, adapter) -> None:
+    kinds = {getattr(layer, "attention_type", None) for layer in decoder_layers(shell, adapter)}
+    if len(kinds) > 1:
+        raise InputError(f"calibration.pipeline: layerwise: the model mixes attention types {sorted(map(str, kinds))} "
+                         "(sliding-window layers); use pipeline: in_memory")
+
+
+def final_logits(shell, adapter, stream: Stream) -> torch.Tensor:
+    """Logits (N, T, vocab) from the last decoder layer's outputs: final norm, then lm_head."""
+    norm, head = get_module(shell, adapter.model.final_norm), get_module(shell, adapter.model.lm_head)
+    with torch.no_grad():
+        return torch.cat([head(norm(h)).float() for h in stream.hidden])
+
+
+def prune_layerwise(recipe, model_dir, adapter, calib: torch.Tensor, folder, *, dtype: torch.dtype,
+                    save_dtype: torch.dtype, tokenizer=None, probe: torch.Tensor | None = None,
+                    progress: bool = True) -> dict:
+    """Run the recipe's stages layer by layer from ``model_dir`` and write the pruned model into ``folder``.
+
+    Returns the stage report entries, the output kind, the probe's logits (for the round trip), the number
+    of sweeps and the largest number of decoder layers that held weights at once."""
+    from gqaprune.io.checkpoint import finalize_config, fix_config_json, stock_class
+
+    t0 = time.perf_counter()
+    weights = SafetensorsFolder(model_dir)
+    shell = build_shell(model_dir, dtype)
+    _check_uniform_attention(shell, adapter)
+    load_non_layer(shell, adapter, weights, dtype)
+    ctx = RunContext(model=shell, adapter=adapter, tokenizer=tokenizer, recipe=recipe, calib=calib, progress=progress)
+    bs = recipe.calibration.batch_size
+    start = embed(shell, adapter, calib, bs)
+    probe_stream = embed(shell, adapter, probe, bs) if probe is not None else None
+    n_source = len(decoder_layers(shell, adapter))
+    pipe = Pipeline(ctx, weights, dtype, list(range(n_source)))
+    reports, cfgs, sweeps = [], list(recipe.stages), 0
+    if cfgs and cfgs[0].type == "layer_drop":
+        t = time.perf_counter()
+        drop = drop_decision(pipe, cfgs[0], start)
+        sweeps += 1 + (cfgs[0].reconstruct == "least_squares")
+        drop_layers(shell, adapter, drop["dropped_layers"])
+        pipe.source_index = [i for i in range(n_source) if i not in set(drop["dropped_layers"])]
+        pipe.damp = cfgs[0].reconstruct_damp
+        reports.append({"type": "layer_drop", "index": 0, **drop, "seconds_decision": round(time.perf_counter() - t, 3)})
+        cfgs = cfgs[1:]
+    offset = len(recipe.stages) - len(cfgs)
+    pipe.reset()
+    runs = [StageRun(c, sequential=recipe.calibration.sequential and c.reconstruct == "least_squares") for c in cfgs]
+    for k, sr in enumerate(runs):
+        if sr.cfg.allocation == "global":
+            sweep(pipe, runs, [start.copy() for _ in range(k + 1)], score_stage=k,
+                  desc=f"scores of stage {offset + k} ({sr.cfg.type}, global)")
+            decide_global(ctx, sr)
+            sweeps += 1
+
+    n_kept = len(decoder_layers(shell, adapter))
+    writer = ShardWriter(folder, n_kept + 1, save_dtype)
+    layer_prefix = f"{adapter.model.layers}."
+    tied = getattr(shell.config, "tie_word_embeddings", False)
+    writer.write({n: t.to(save_dtype) if t.is_floating_point() else t for n, t in shell.state_dict().items()
+                  if not n.startswith(layer_prefix) and not (tied and n == f"{adapter.model.lm_head}.weight")})
+    sweep(pipe, runs, [start.copy() for _ in range(len(runs) + 1)], None, writer, probe_stream, desc="prune layer-wise")
+    sweeps += 1
+    writer.finish()
+    for rep in reports:  # the layer-drop repair errors were computed when the repaired layers were loaded
+        for r in rep.get("repairs", []):
+            if r["repaired_layer"] is not None:
+                r.update(pipe.drop_errors.get(r["repaired_layer"], {}))
+    for k, sr in enumerate(runs):
+        entry = {"type": sr.cfg.type, "index": offset + k, "score": sr.cfg.score, "allocation": sr.cfg.allocation,
+                 "reconstruct": sr.cfg.reconstruct, "sequential": sr.sequential, "layers": sr.layers}
+        if sr.heads:
+            entry["removed_per_layer"] = [e["removed"] for e in sr.layers]
+        reports.append(entry)
+
+    uniform = finalize_config(shell, adapter)
+    stock = stock_class(shell)
+    shell.config.architectures = [stock.__name__]
+    shell.config.save_pretrained(str(folder))
+    fix_config_json(folder, stock, save_dtype, uniform, shell.config.__dict__.get("auto_map"))
+    if getattr(shell, "generation_config", None) is not None:
+        shell.generation_config.save_pretrained(str(folder))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    logits = final_logits(shell, adapter, probe_stream) if probe_stream is not None else None
+    return {"stages": reports, "uniform": uniform, "probe_logits": logits, "sweeps": sweeps,
+            "max_live_layers": pipe.max_live_layers, "seconds": round(time.perf_counter() - t0, 3),
+            "shapes_after": [layer_shape(layer, adapter, head_dim_of(shell.config, adapter))
+                             for layer in decoder_layers(shell, adapter)]}
+
+
+def streamed_logits(folder, adapter, ids: torch.Tensor, dtype: torch.dtype, batch_size: int,
+                    progress: bool = False) -> tuple[torch.Tensor, int]:
+    """Logits of the model saved in ``folder`` for ``ids`` (N, T), reading one decoder layer at a time;
+    also the largest number of layers that held weights at once."""
+    weights = SafetensorsFolder(folder)
+    shell = build_shell(folder, dtype)
+    load_non_layer(shell, adapter, weights, dtype)
+    stream = embed(shell, adapter, ids, batch_size)
+    most = 0
+    for j in tqdm(range(len(decoder_layers(shell, adapter))), desc="round trip (layer-wise)", disable=not progress,
+                  leave=False):
+        layer = materialize_layer(shell, adapter, j, weights, j, dtype)
+        most = max(most, live_layers(shell, adapter))
+        stream.hidden = run_layer(layer, stream)
+        release_layer(shell, adapter, j)
+    return final_logits(shell, adapter, stream), most

@@ -114,6 +114,11 @@ def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cf
     """Load, evaluate, run the stages, convert, save and reload, evaluate again, write the report into ``tmp``."""
     from gqaprune.io.checkpoint import load_pretrained
 
+    if recipe.calibration.pipeline == "layerwise":  # one decoder layer in memory at a time
+        from gqaprune.execution.run import run_layerwise
+
+        return run_layerwise(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cfg, inputs, out, tmp,
+                             progress, command, t_start)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     tokenizer, calib, eval_tokens = inputs["tokenizer"], inputs["calib"], inputs["eval_tokens"]

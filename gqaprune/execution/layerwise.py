@@ -28,6 +28,7 @@ Sweeps, each reading every kept layer from disk once:
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -66,8 +67,13 @@ class Stream:
         return Stream(list(self.hidden), self.kwargs)
 
 
-def embed(shell, adapter, ids: torch.Tensor, batch_size: int) -> Stream:
-    """Run the model's forward up to its first decoder layer for each batch of ``ids`` (N, T)."""
+def id_batches(ids: torch.Tensor, batch_size: int) -> list[dict]:
+    """The model inputs of each calibration batch: windows ``ids`` (N, T) split as the in-memory passes split them."""
+    return [{"input_ids": ids[b: b + batch_size]} for b in range(0, ids.shape[0], batch_size)]
+
+
+def embed(shell, adapter, batches: list[dict]) -> Stream:
+    """Run the model's forward up to its first decoder layer for each batch of model inputs."""
     first = decoder_layers(shell, adapter)[0]
     hidden, kwargs = [], []
 
@@ -78,10 +84,10 @@ def embed(shell, adapter, ids: torch.Tensor, batch_size: int) -> Stream:
 
     h = first.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for b in range(0, ids.shape[0], batch_size):
+        for batch in batches:
             try:
                 with torch.no_grad():
-                    shell(input_ids=ids[b: b + batch_size], use_cache=False)
+                    shell(**batch, use_cache=False)
             except _Stop:
                 pass
     finally:
@@ -143,6 +149,8 @@ class StageRun:
     scores: dict[int, object] = field(default_factory=dict)  # filled by a scoring sweep
     sq_norms: dict[int, float] = field(default_factory=dict)  # layer -> mean ||h||^2 of its input
     layers: list[dict] = field(default_factory=list)  # report entries
+    layer_params: list[int] = field(default_factory=lambda: [0, 0])  # decoder-layer parameters before, after
+    seconds: float = 0.0  # time spent on this stage in the main sweep
 
     @property
     def heads(self) -> bool:
@@ -223,8 +231,10 @@ def prune_layer(ctx, sr: StageRun, j: int, layer, scores, stats, dense, pruned_i
         r = sr.decision[j] if sr.decision is not None else (0 if j in prot else n_remove)
         keep, removed_kv = choose_heads(c.unit, q, grp, r)
         kept_q = sorted(h for qs in keep.values() for h in qs)
-        entry = {"layer": j, "removed": r, "removed_kv_heads": removed_kv,
-                 "removed_q_heads": sorted(set(range(q.numel())) - set(kept_q))}
+        entry = {"layer": j, "removed": r, "group_scores": [float(x) for x in grp],
+                 "head_scores": [float(x) for x in q.reshape(-1)], "removed_kv_heads": removed_kv,
+                 "removed_q_heads": sorted(set(range(q.numel())) - set(kept_q)),
+                 "heads_before": shape["num_attention_heads"], "kv_heads_before": shape["num_key_value_heads"]}
         if r > 0:
             w_old = mod.weight.detach().clone()
             prune_heads(ctx.model, adapter, j, keep)
@@ -285,6 +295,10 @@ class Pipeline:
         return layer
 
 
+def _numel(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def sweep(pipe: Pipeline, stages: list[StageRun], streams: list[Stream], score_stage: int | None,
           writer=None, probe: Stream | None = None, desc: str = "layer-wise") -> None:
     """Visit every layer: stages < score_stage are applied, stage score_stage only records its scores
@@ -296,6 +310,7 @@ def sweep(pipe: Pipeline, stages: list[StageRun], streams: list[Stream], score_s
         layer = pipe.load(j)
         for k in range(last + (score_stage is not None)):
             sr = stages[k]
+            t0, params_before = time.perf_counter(), _numel(layer)
             stats, out, dense = layer_stats(ctx, sr, j, layer, streams[k])
             scores = layer_scores(ctx, sr, j, stats)
             if k == score_stage:
@@ -305,9 +320,13 @@ def sweep(pipe: Pipeline, stages: list[StageRun], streams: list[Stream], score_s
                 entry = prune_layer(ctx, sr, j, layer, scores, stats, dense, streams[k + 1])
                 if score_stage is None:
                     sr.layers.append(entry)
+                    sr.layer_params[0] += params_before
+                    sr.layer_params[1] += _numel(layer)
+                    sr.seconds += time.perf_counter() - t0
             streams[k].hidden = out
         if score_stage is None:
             streams[last].hidden = run_layer(layer, streams[last])
+            layer.to(writer.dtype)  # what is saved is what the probe (the round trip's reference) runs through
             if probe is not None:
                 probe.hidden = run_layer(layer, probe)
             prefix = f"{ctx.adapter.model.layers}.{j}."
@@ -428,6 +447,15 @@ def _check_uniform_attention(shell, adapter) -> None:
                          "(sliding-window layers); use pipeline: in_memory")
 
 
+def _cast(stream: Stream, dtype: torch.dtype) -> Stream:
+    """The stream as a model in ``dtype`` would carry it (hidden states, rotary cos/sin)."""
+    def cast(v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.to(dtype)
+        return tuple(cast(x) for x in v) if isinstance(v, tuple) else v
+    return Stream([h.to(dtype) for h in stream.hidden], [{k: cast(v) for k, v in kw.items()} for kw in stream.kwargs])
+
+
 def final_logits(shell, adapter, stream: Stream) -> torch.Tensor:
     """Logits (N, T, vocab) from the last decoder layer's outputs: final norm, then lm_head."""
     norm, head = get_module(shell, adapter.model.final_norm), get_module(shell, adapter.model.lm_head)
@@ -451,8 +479,8 @@ def prune_layerwise(recipe, model_dir, adapter, calib: torch.Tensor, folder, *, 
     load_non_layer(shell, adapter, weights, dtype)
     ctx = RunContext(model=shell, adapter=adapter, tokenizer=tokenizer, recipe=recipe, calib=calib, progress=progress)
     bs = recipe.calibration.batch_size
-    start = embed(shell, adapter, calib, bs)
-    probe_stream = embed(shell, adapter, probe, bs) if probe is not None else None
+    start = embed(shell, adapter, id_batches(calib, bs))
+    probe_stream = _cast(embed(shell, adapter, id_batches(probe, bs)), save_dtype) if probe is not None else None
     n_source = len(decoder_layers(shell, adapter))
     pipe = Pipeline(ctx, weights, dtype, list(range(n_source)))
     reports, cfgs, sweeps = [], list(recipe.stages), 0
@@ -460,10 +488,12 @@ def prune_layerwise(recipe, model_dir, adapter, calib: torch.Tensor, folder, *, 
         t = time.perf_counter()
         drop = drop_decision(pipe, cfgs[0], start)
         sweeps += 1 + (cfgs[0].reconstruct == "least_squares")
+        params = _numel(shell)
         drop_layers(shell, adapter, drop["dropped_layers"])
+        drop.update(params_before=params, params_after=_numel(shell), seconds=round(time.perf_counter() - t, 3))
         pipe.source_index = [i for i in range(n_source) if i not in set(drop["dropped_layers"])]
         pipe.damp = cfgs[0].reconstruct_damp
-        reports.append({"type": "layer_drop", "index": 0, **drop, "seconds_decision": round(time.perf_counter() - t, 3)})
+        reports.append({"type": "layer_drop", "index": 0, **drop})
         cfgs = cfgs[1:]
     offset = len(recipe.stages) - len(cfgs)
     pipe.reset()
@@ -488,9 +518,16 @@ def prune_layerwise(recipe, model_dir, adapter, calib: torch.Tensor, folder, *, 
         for r in rep.get("repairs", []):
             if r["repaired_layer"] is not None:
                 r.update(pipe.drop_errors.get(r["repaired_layer"], {}))
+    non_layer = _numel(shell) - sum(_numel(layer) for layer in decoder_layers(shell, adapter))
     for k, sr in enumerate(runs):
         entry = {"type": sr.cfg.type, "index": offset + k, "score": sr.cfg.score, "allocation": sr.cfg.allocation,
-                 "reconstruct": sr.cfg.reconstruct, "sequential": sr.sequential, "layers": sr.layers}
+                 "reconstruct": sr.cfg.reconstruct, "sequential": sr.sequential, "layers": sr.layers,
+                 "params_before": non_layer + sr.layer_params[0], "params_after": non_layer + sr.layer_params[1],
+                 "seconds": round(sr.seconds, 3)}
+        if sr.heads:
+            entry["unit"] = sr.cfg.unit
+        else:
+            entry["align"] = sr.cfg.align
         if sr.heads:
             entry["removed_per_layer"] = [e["removed"] for e in sr.layers]
         reports.append(entry)
@@ -504,6 +541,7 @@ def prune_layerwise(recipe, model_dir, adapter, calib: torch.Tensor, folder, *, 
         shell.generation_config.save_pretrained(str(folder))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
+    shell.to(save_dtype)  # final norm and lm_head as saved
     logits = final_logits(shell, adapter, probe_stream) if probe_stream is not None else None
     return {"stages": reports, "uniform": uniform, "probe_logits": logits, "sweeps": sweeps,
             "max_live_layers": pipe.max_live_layers, "seconds": round(time.perf_counter() - t0, 3),
@@ -511,19 +549,48 @@ def prune_layerwise(recipe, model_dir, adapter, calib: torch.Tensor, folder, *, 
                              for layer in decoder_layers(shell, adapter)]}
 
 
-def streamed_logits(folder, adapter, ids: torch.Tensor, dtype: torch.dtype, batch_size: int,
-                    progress: bool = False) -> tuple[torch.Tensor, int]:
-    """Logits of the model saved in ``folder`` for ``ids`` (N, T), reading one decoder layer at a time;
-    also the largest number of layers that held weights at once."""
+def stream_folder(folder, adapter, batches: list[dict], dtype: torch.dtype, progress: bool = False,
+                  desc: str = "layer-wise forward"):
+    """Run ``batches`` of model inputs through the model saved in ``folder``, reading one decoder layer at a
+    time: (the shell, with embeddings, final norm and lm_head loaded; the last layer's outputs; the largest
+    number of decoder layers that held weights at once)."""
     weights = SafetensorsFolder(folder)
     shell = build_shell(folder, dtype)
     load_non_layer(shell, adapter, weights, dtype)
-    stream = embed(shell, adapter, ids, batch_size)
+    stream = embed(shell, adapter, batches)
     most = 0
-    for j in tqdm(range(len(decoder_layers(shell, adapter))), desc="round trip (layer-wise)", disable=not progress,
-                  leave=False):
+    for j in tqdm(range(len(decoder_layers(shell, adapter))), desc=desc, disable=not progress, leave=False):
         layer = materialize_layer(shell, adapter, j, weights, j, dtype)
         most = max(most, live_layers(shell, adapter))
         stream.hidden = run_layer(layer, stream)
         release_layer(shell, adapter, j)
+    return shell, stream, most
+
+
+def streamed_logits(folder, adapter, ids: torch.Tensor, dtype: torch.dtype, batch_size: int,
+                    progress: bool = False) -> tuple[torch.Tensor, int]:
+    """Logits of the model saved in ``folder`` for ``ids`` (N, T), one decoder layer in memory at a time;
+    also the largest number of layers that held weights at once."""
+    shell, stream, most = stream_folder(folder, adapter, id_batches(ids, batch_size), dtype, progress, "round trip")
     return final_logits(shell, adapter, stream), most
+
+
+def streamed_perplexity(folder, adapter, tokens: torch.Tensor, seq_len: int, stride: int | None, batch_size: int,
+                        dtype: torch.dtype, progress: bool = False, desc: str = "perplexity") -> dict:
+    """gqaprune.evaluation.perplexity.perplexity of the model in ``folder``, one decoder layer in memory at a
+    time (the windows' hidden states are held instead)."""
+    from gqaprune.evaluation.perplexity import batch_nll, scoring_windows, window_batch
+
+    windows = scoring_windows(tokens.numel(), seq_len, stride)
+    chunks = [window_batch(tokens, windows[b: b + batch_size]) for b in range(0, len(windows), batch_size)]
+    shell, stream, _ = stream_folder(folder, adapter, [{"input_ids": i, "attention_mask": m} for i, m, _ in chunks],
+                                     dtype, progress, desc)
+    total_nll, total_tok = 0.0, 0
+    norm, head = get_module(shell, adapter.model.final_norm), get_module(shell, adapter.model.lm_head)
+    with torch.no_grad():
+        for (ids, _, score), h in zip(chunks, stream.hidden):
+            nll, count = batch_nll(head(norm(h)), ids, score)
+            total_nll += nll
+            total_tok += count
+    mean = total_nll / total_tok
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tok}

@@ -73,3 +73,97 @@ def test_layerwise_equals_in_memory_sequential(source, allocation, tmp_path):
     assert float((out["probe_logits"] - want).abs().max()) <= 1e-4
     streamed, most = streamed_logits(tmp_path / "lw", adapter, probe, torch.float32, 3)
     assert most == 1 and float((streamed - want).abs().max()) <= 1e-4
+
+
+def test_streamed_perplexity_equals_in_memory(source):
+    from gqaprune.evaluation.perplexity import perplexity
+    from gqaprune.execution.layerwise import streamed_perplexity
+
+    family, folder, vocab = source
+    model = load_pretrained(folder, dtype=torch.float32)
+    adapter = resolve_adapter("auto", model.config.architectures)
+    tokens = torch.randint(3, vocab, (150,), generator=torch.Generator().manual_seed(2))
+    want = perplexity(model, tokens, seq_len=40, stride=30, batch_size=2, progress=False)
+    got = streamed_perplexity(folder, adapter, tokens, 40, 30, 2, torch.float32)
+    assert got["tokens"] == want["tokens"] and got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-5)
+
+
+def test_run_layerwise_writes_a_checked_output(tmp_path):
+    import json
+
+    from gqaprune.io.checkpoint import load_pretrained as load
+    from gqaprune.runner import run
+    from tiny import write_recipe
+
+    save_tiny("llama", tmp_path / "src", num_hidden_layers=4)
+    recipe = write_recipe(tmp_path, tmp_path / "src", """  - {type: layer_drop, num_layers: 1}
+  - {type: head_prune, prune_ratio: 0.5, score: magnitude}
+  - {type: neuron_prune, prune_ratio: 0.25, score: activation, align: 8, allocation: global}
+""", calibration="{samples: 8, seq_len: 32, batch_size: 4, sequential: true, pipeline: layerwise}")
+    report = run(str(recipe), progress=False)
+    out = tmp_path / "out"
+    assert report["status"] == "ok" and report["roundtrip"]["ok"] and report["roundtrip"]["max_abs_logit_diff"] <= 1e-4
+    assert report["pipeline"] == {"kind": "layerwise", "sweeps": 4, "max_live_decoder_layers": 1}
+    assert report["eval"]["after"]["perplexity"] > 1 and report["eval"]["before"]["perplexity"] > 1
+    assert json.loads((out / "report.json").read_text())["params_after"] < report["params_before"]
+    model = load(out)  # the output reloads with the ordinary loader, with the shapes the report gives
+    assert len(model.model.layers) == 3 == report["shapes_after"]["num_hidden_layers"]
+    assert report["params_after"] == sum(p.numel() for p in model.parameters())
+
+
+def test_never_more_than_one_decoder_layer_in_memory(tmp_path, monkeypatch):
+    """Every read of layer tensors happens while no other decoder layer holds weights, and reads one layer;
+    the whole model is never loaded."""
+    import transformers
+
+    from gqaprune.execution import weights as w
+
+    save_tiny("qwen2", tmp_path / "src", num_hidden_layers=5)
+    adapter = resolve_adapter("qwen2", None)
+    seen = {"loads": 0, "most_live": 0}
+    real_materialize, real_read = layerwise.materialize_layer, w.SafetensorsFolder.read
+
+    def counting_materialize(shell, adapter, index, weights, source_index, dtype):
+        assert w.live_layers(shell, adapter) == 0, "a decoder layer still holds weights when the next is read"
+        layer = real_materialize(shell, adapter, index, weights, source_index, dtype)
+        seen["loads"] += 1
+        seen["most_live"] = max(seen["most_live"], w.live_layers(shell, adapter))
+        return layer
+
+    def one_layer_read(self, names):
+        layers = {n.split(".")[2] for n in names if n.startswith("model.layers.")}
+        assert len(layers) <= 1, f"one read touched layers {sorted(layers)}"
+        return real_read(self, names)
+
+    def no_whole_model(*a, **k):
+        raise AssertionError("the layer-wise pipeline loaded the whole model")
+
+    monkeypatch.setattr(layerwise, "materialize_layer", counting_materialize)
+    monkeypatch.setattr(w.SafetensorsFolder, "read", one_layer_read)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", no_whole_model)
+    recipe = _recipe("global", "layerwise")
+    calib = _calib(96)
+    out = prune_layerwise(recipe, tmp_path / "src", adapter, calib.clamp_max(95), tmp_path / "lw",
+                          dtype=torch.float32, save_dtype=torch.float32, probe=calib[:2].clamp_max(95), progress=False)
+    # sweeps: layer scores (5 layers), repair statistics (up to the dropped run), 2 global scoring sweeps and the
+    # main sweep over the 4 kept layers
+    dropped = out["stages"][0]["dropped_layers"][0]
+    assert seen["loads"] == 5 + (dropped + 1) + 4 + 4 + 4
+    assert seen["most_live"] == 1 and out["max_live_layers"] == 1 and out["sweeps"] == 5
+
+
+def test_taylor_with_layerwise_is_a_validate_error_naming_the_alternatives():
+    from gqaprune.errors import InputError
+
+    for stage, names in (("head_prune", "activation, magnitude, reconstruction, random, truncate"),
+                         ("neuron_prune", "activation, magnitude, reconstruction, frequency, random")):
+        for score in ("taylor", "taylor2") if stage == "head_prune" else ("taylor",):
+            text = (f"model: x\noutput: o\ncalibration: {{pipeline: layerwise}}\n"
+                    f"stages:\n  - {{type: {stage}, prune_ratio: 0.5, score: {score}}}\n")
+            with pytest.raises(InputError, match=f"score {score} needs whole-model gradients.*{names}"):
+                parse_recipe(text)
+    ok = "model: x\noutput: o\ncalibration: {pipeline: layerwise}\nstages:\n  - {type: head_prune, prune_ratio: 0.5, score: activation}\n"
+    assert parse_recipe(ok).calibration.pipeline == "layerwise"
+    assert parse_recipe(ok.replace("pipeline: layerwise", "samples: 8")).calibration.pipeline == "in_memory"
+    with pytest.raises(InputError, match="recover needs the whole pruned model"):
+        parse_recipe(ok + "  - {type: recover, steps: 2}\n")

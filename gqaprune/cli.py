@@ -66,6 +66,11 @@ def validate(recipe):
                f"parameters {plans[0].params:,} -> {plans[-1].params:,})")
     for note in plans[-1].notes:
         click.echo(f"note: {note}")
+    from gqaprune.memory import memory_lines
+
+    warning = memory_lines(r, config, adapter, plans)[1]
+    if warning:
+        click.echo(f"warning: {warning}")
 
 
 @main.command()
@@ -74,7 +79,7 @@ def validate(recipe):
 @_errors
 def plan(recipe, as_json):
     """Shapes, parameters, FLOPs and weight bytes after each stage (no importance pass)."""
-    _, _, _, plans = _checked(recipe, progress=False)
+    r, config, adapter, plans = _checked(recipe, progress=False)
     if as_json:
         click.echo(json.dumps([p.as_dict() for p in plans], indent=2))
         return
@@ -92,6 +97,10 @@ def plan(recipe, as_json):
     last = plans[-1]
     click.echo(f"total: parameters x{last.params / base.params:.3f}, FLOPs/token x{last.flops_per_token / base.flops_per_token:.3f}, "
                f"weight bytes x{last.weight_bytes / base.weight_bytes:.3f}, KV cache x{last.kv_cache_bytes_per_token / base.kv_cache_bytes_per_token:.3f}")
+    from gqaprune.memory import memory_lines
+
+    for line in memory_lines(r, config, adapter, plans)[0]:
+        click.echo(line)
 
 
 @main.command()

@@ -1,0 +1,196 @@
+"""Estimated peak memory of a run, in-memory and layer-wise, from the shapes alone (no weights loaded).
+
+Each estimate is the largest, over the stages, of the sum of what that stage holds at once:
+- weights: the parameters resident in the run dtype (in-memory: the whole model; layer-wise: embeddings,
+  final norm and lm_head plus the largest decoder layer);
+- dense_copy: in-memory sequential repair and distillation keep a copy of the model before the stage;
+- gradients: Taylor scores reduce each gradient as it arrives, so one tensor's gradient at a time; a full
+  recover stage holds gradients and two Adam moments (fp32) for every parameter;
+- grams: Gram matrices X^T X of the repaired/scored projection's inputs in fp32, one per layer at once
+  in-memory (collect_stats), one layer's at a time layer-wise; plus the fp64 working set of one solve
+  (sequential: X^T X, X^T X', X'^T X' in fp64);
+- activations: calibration hidden states (layer-wise: one stream per pruning stage plus one, all windows,
+  plus the repaired projection's dense inputs when sequential), one batch's forward (logits in fp32), and
+  for Taylor the activations autograd keeps for the backward pass (approximate: ~6 hidden + 4 MLP + the
+  attention scores per token and layer).
+Weights and Grams are exact byte counts; activations are an estimate (checked against measured peaks in
+benchmarks/RESULTS.md). Python, torch and the tokenizer add a few hundred MB that no term counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gqaprune.arch.adapter import Adapter, cfg_get, head_dim_of
+
+GRAM_BYTES = 4  # float32 accumulation (gqaprune.scoring.stats)
+SOLVE_BYTES = 8  # float64 solves (gqaprune.ops.reconstruct)
+
+
+@dataclass
+class MemoryEstimate:
+    mode: str  # in_memory | layerwise
+    parts: dict[str, int] = field(default_factory=dict)  # bytes at the peak stage
+    peak_stage: str = ""
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def as_dict(self) -> dict:
+        return {"mode": self.mode, "peak_stage": self.peak_stage, "total_bytes": self.total, "parts": self.parts}
+
+
+def layer_param_counter(config, adapter: Adapter):
+    """shape -> parameters of one decoder layer of that shape (biases and norms included): a meta-device layer
+    of the model, reshaped (no memory)."""
+    import copy
+
+    from gqaprune.arch.adapter import decoder_layers
+    from gqaprune.arch.modeling_perlayer import reshape_layer
+    from gqaprune.plan import meta_model
+
+    proto = decoder_layers(meta_model(config), adapter)[0]
+    hidden, hd = int(cfg_get(config, adapter, "hidden_size")), head_dim_of(config, adapter)
+    cache: dict[tuple, int] = {}
+
+    def count(s: dict) -> int:
+        key = (s["num_attention_heads"], s["num_key_value_heads"], s["intermediate_size"])
+        if key not in cache:
+            layer = copy.deepcopy(proto)
+            reshape_layer(layer, adapter.layer.model_dump(), dict(s), hd, hidden, config)
+            cache[key] = sum(p.numel() for p in layer.parameters())
+        return cache[key]
+    return count
+
+
+def _role_width(stage_type: str, s: dict, head_dim: int) -> int:
+    """Input width of the projection a stage scores/repairs: o (heads) or down (MLP channels)."""
+    return s["num_attention_heads"] * head_dim if stage_type == "head_prune" else s["intermediate_size"]
+
+
+def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_params=None) -> dict[str, MemoryEstimate]:
+    """Peak memory of ``recipe`` in both pipelines. ``plans``: gqaprune.plan.simulate's output (shapes before
+    and after each stage); ``layer_params(shape) -> int`` counts one decoder layer's parameters (default: from
+    the adapter's roles)."""
+    b = dtype_bytes
+    hidden = int(cfg_get(config, adapter, "hidden_size"))
+    hd = head_dim_of(config, adapter)
+    vocab = int(getattr(config, "vocab_size"))
+    cal = recipe.calibration
+    tokens, batch_tokens = cal.samples * cal.seq_len, min(cal.batch_size, cal.samples) * cal.seq_len
+    layer_params = layer_params or layer_param_counter(config, adapter)
+    source = plans[0]
+    non_layer = source.params - sum(layer_params(s) for s in source.per_layer)
+    n_prune = sum(st.type in ("head_prune", "neuron_prune") for st in recipe.stages)
+
+    def forward(shapes) -> int:  # one batch through the model: residual, MLP, attention scores, fp32 logits
+        widest = max(s["intermediate_size"] for s in shapes)
+        heads = max(s["num_attention_heads"] for s in shapes)
+        return batch_tokens * (4 * hidden + 2 * widest) * b + batch_tokens * heads * cal.seq_len * b \
+            + batch_tokens * vocab * 4 * 2
+
+    best = {m: MemoryEstimate(m) for m in ("in_memory", "layerwise")}
+    for k, st in enumerate(recipe.stages):
+        if st.type == "awq":
+            continue
+        shapes, params = plans[k].per_layer, plans[k].params
+        L = len(shapes)
+        widest_layer = max(layer_params(s) for s in shapes)
+        mem = {"weights": params * b, "dense_copy": 0, "gradients": 0, "grams": 0,
+               "activations": forward(shapes)}
+        lw = {"weights": (non_layer + widest_layer) * b, "dense_copy": 0, "gradients": 0, "grams": 0,
+              "activations": (n_prune + 1) * tokens * hidden * b + forward(shapes)}
+        if st.type in ("head_prune", "neuron_prune"):
+            widths = [_role_width(st.type, s, hd) for s in shapes]
+            w = max(widths)
+            sequential = cal.sequential and st.reconstruct == "least_squares"
+            want_gram = (st.reconstruct == "least_squares" and not sequential) or st.score == "reconstruction"
+            if want_gram:
+                mem["grams"] = sum(x * x for x in widths) * GRAM_BYTES
+                lw["grams"] = w * w * GRAM_BYTES
+            solve = 3 * w * w * SOLVE_BYTES if st.reconstruct == "least_squares" or st.score == "reconstruction" else 0
+            mem["grams"] += solve
+            lw["grams"] += solve
+            if sequential:
+                mem["dense_copy"] = params * b
+                lw["activations"] += tokens * w * b  # the dense inputs of the repaired projection
+            if st.score in ("taylor", "taylor2"):
+                mem["gradients"] = max(vocab * hidden, max(layer_params(s) for s in shapes)) * b
+                heads = max(s["num_attention_heads"] for s in shapes)
+                mem["activations"] += L * batch_tokens * (6 * hidden + 4 * max(widths if st.type == "neuron_prune"
+                                                                              else [s["intermediate_size"] for s in shapes])
+                                                         + heads * cal.seq_len) * b
+        elif st.type == "layer_drop":
+            inter = max(s["intermediate_size"] for s in shapes)
+            mem["activations"] += (L + 1) * batch_tokens * hidden * 4
+            if st.reconstruct == "least_squares":
+                mem["grams"] = (inter * inter + inter * hidden) * GRAM_BYTES + inter * inter * SOLVE_BYTES * 3
+                lw["grams"] = mem["grams"]
+                lw["activations"] += tokens * (inter + hidden) * 4
+            n_drop = st.num_layers if st.num_layers is not None else max(1, round(st.fraction * L))
+            gap = 1 if st.score == "block_influence" else n_drop
+            lw["activations"] += (gap + 1) * tokens * hidden * 4
+        elif st.type == "recover":
+            mem["gradients"] = 3 * params * 4 if st.method == "full" else 0
+            mem["activations"] += L * batch_tokens * (6 * hidden + 4 * max(s["intermediate_size"] for s in shapes)
+                                                      + max(s["num_attention_heads"] for s in shapes) * cal.seq_len) * b
+            if st.method == "distill":
+                mem["dense_copy"] = source.params * b
+        for mode, parts in (("in_memory", mem), ("layerwise", lw)):
+            if sum(parts.values()) > best[mode].total:
+                best[mode] = MemoryEstimate(mode, parts, f"{k}:{st.type}")
+    return best
+
+
+def device_memory() -> tuple[str, int]:
+    """(what, bytes) the run can use: the first GPU's memory when CUDA is present, else this machine's RAM."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(0)}", int(torch.cuda.get_device_properties(0).total_memory)
+    try:
+        import psutil
+
+        return "RAM", int(psutil.virtual_memory().total)
+    except ImportError:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return "RAM", int(line.split()[1]) * 1024
+    return "RAM", 0
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def run_dtype_bytes(recipe) -> int:
+    """Bytes per weight in the run dtype (runtime.dtype auto: bf16 on CUDA, fp32 on CPU, as the runner picks)."""
+    import torch
+
+    dt = recipe.runtime.dtype
+    if dt == "auto":
+        dt = "bfloat16" if (recipe.runtime.device != "cpu" and torch.cuda.is_available()) else "float32"
+    return 4 if dt == "float32" else 2
+
+
+def memory_lines(recipe, config, adapter, plans) -> tuple[list[str], str | None]:
+    """(the plan's memory section, a warning when the chosen pipeline will not fit the device, or None)."""
+    b = run_dtype_bytes(recipe)
+    est = estimate(recipe, config, adapter, plans, b)
+    what, avail = device_memory()
+    chosen = recipe.calibration.pipeline
+    lines = [f"peak memory (estimated from shapes, run dtype {b} B/weight; {what} {gib(avail)}):"]
+    for mode in ("in_memory", "layerwise"):
+        e = est[mode]
+        parts = ", ".join(f"{k} {gib(v)}" for k, v in e.parts.items() if v)
+        fits = "fits" if e.total <= avail else "does NOT fit"
+        mark = " (chosen)" if mode == chosen else ""
+        lines.append(f"  {mode:<10}{gib(e.total):>12}  {fits}{mark}; at stage {e.peak_stage}: {parts}")
+    warning = None
+    if est[chosen].total > avail:
+        other = "layerwise" if chosen == "in_memory" else "in_memory"
+        warning = (f"calibration.pipeline {chosen} needs about {gib(est[chosen].total)} (estimated) but {what} has "
+                   f"{gib(avail)}; {other} needs about {gib(est[other].total)}")
+    return lines, warning

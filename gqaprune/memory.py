@@ -12,7 +12,8 @@ Each estimate is the largest, over the stages, of the sum of what that stage hol
 - activations: calibration hidden states (layer-wise: one stream per pruning stage plus one, all windows,
   plus the repaired projection's dense inputs when sequential), one batch's forward (logits in fp32), and
   for Taylor the activations autograd keeps for the backward pass (approximate: ~6 hidden + 4 MLP + the
-  attention scores per token and layer).
+  attention scores per token and layer);
+- runtime: the interpreter and libraries (a constant measured on this machine).
 Weights and Grams are exact byte counts; activations are an estimate (checked against measured peaks in
 benchmarks/RESULTS.md). Python, torch and the tokenizer add a few hundred MB that no term counts.
 """
@@ -25,6 +26,10 @@ from gqaprune.arch.adapter import Adapter, cfg_get, head_dim_of
 
 GRAM_BYTES = 4  # float32 accumulation (gqaprune.scoring.stats)
 SOLVE_BYTES = 8  # float64 solves (gqaprune.ops.reconstruct)
+# fp64 (in, in) matrices alive during one solve: the widened Gram (or the three paired Grams), its kept block,
+# the damped copy, the identity and the Cholesky factor
+SOLVE_MATRICES = 5
+RUNTIME_BYTES = 450 * 2**20  # Python, torch, transformers and the tokenizer before any tensor (measured, CPU)
 
 
 @dataclass
@@ -97,9 +102,10 @@ def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_pa
         shapes, params = plans[k].per_layer, plans[k].params
         L = len(shapes)
         widest_layer = max(layer_params(s) for s in shapes)
-        mem = {"weights": params * b, "dense_copy": 0, "gradients": 0, "grams": 0,
+        mem = {"runtime": RUNTIME_BYTES, "weights": params * b, "dense_copy": 0, "gradients": 0, "grams": 0,
                "activations": forward(shapes)}
-        lw = {"weights": (non_layer + widest_layer) * b, "dense_copy": 0, "gradients": 0, "grams": 0,
+        lw = {"runtime": RUNTIME_BYTES, "weights": (non_layer + widest_layer) * b, "dense_copy": 0, "gradients": 0,
+              "grams": 0,
               "activations": (n_prune + 1) * tokens * hidden * b + forward(shapes)}
         if st.type in ("head_prune", "neuron_prune"):
             widths = [_role_width(st.type, s, hd) for s in shapes]
@@ -109,7 +115,8 @@ def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_pa
             if want_gram:
                 mem["grams"] = sum(x * x for x in widths) * GRAM_BYTES
                 lw["grams"] = w * w * GRAM_BYTES
-            solve = 3 * w * w * SOLVE_BYTES if st.reconstruct == "least_squares" or st.score == "reconstruction" else 0
+            solves = st.reconstruct == "least_squares" or st.score == "reconstruction"
+            solve = SOLVE_MATRICES * w * w * SOLVE_BYTES if solves else 0
             mem["grams"] += solve
             lw["grams"] += solve
             if sequential:
@@ -125,7 +132,8 @@ def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_pa
             inter = max(s["intermediate_size"] for s in shapes)
             mem["activations"] += (L + 1) * batch_tokens * hidden * 4
             if st.reconstruct == "least_squares":
-                mem["grams"] = (inter * inter + inter * hidden) * GRAM_BYTES + inter * inter * SOLVE_BYTES * 3
+                mem["grams"] = ((inter * inter + inter * hidden) * GRAM_BYTES
+                                + SOLVE_MATRICES * inter * inter * SOLVE_BYTES)
                 lw["grams"] = mem["grams"]
                 lw["activations"] += tokens * (inter + hidden) * 4
             n_drop = st.num_layers if st.num_layers is not None else max(1, round(st.fraction * L))

@@ -125,9 +125,8 @@ def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_pa
             if st.score in ("taylor", "taylor2"):
                 mem["gradients"] = max(vocab * hidden, max(layer_params(s) for s in shapes)) * b
                 heads = max(s["num_attention_heads"] for s in shapes)
-                mem["activations"] += L * batch_tokens * (6 * hidden + 4 * max(widths if st.type == "neuron_prune"
-                                                                              else [s["intermediate_size"] for s in shapes])
-                                                         + heads * cal.seq_len) * b
+                inter = max(s["intermediate_size"] for s in shapes)
+                mem["activations"] += L * batch_tokens * (6 * hidden + 4 * inter + heads * cal.seq_len) * b
         elif st.type == "layer_drop":
             inter = max(s["intermediate_size"] for s in shapes)
             mem["activations"] += (L + 1) * batch_tokens * hidden * 4

@@ -80,7 +80,8 @@ def run_layerwise(recipe, recipe_text, recipe_path, config, adapter, plans, eval
                                                        count_params(out_shell), "per_layer": res["shapes_after"]},
                           roundtrip=roundtrip, awq_report=None, save_as=None, timings=timings,
                           runtime=runtime_info(torch.device("cpu"), dtype, save_dtype))
-    report["pipeline"] = {"kind": "layerwise", "sweeps": res["sweeps"], "max_live_decoder_layers": res["max_live_layers"]}
+    report["pipeline"] = {"kind": "layerwise", "sweeps": res["sweeps"],
+                          "max_live_decoder_layers": res["max_live_layers"]}
     report["eval"]["lm_eval"]["skipped"] = ("lm-eval needs the whole model in memory; run `gqaprune eval OUTPUT` "
                                             "where it fits")
     write_report_files(report, recipe_text, tmp, t_start)

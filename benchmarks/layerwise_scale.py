@@ -10,7 +10,7 @@ plan's estimate (gqaprune.memory) is printed beside each measurement.
 
     python -m benchmarks.layerwise_scale --shape mid [--modes layerwise,in_memory] [--tokens 2048]
 
-Shapes: mid (16 layers, hidden 1024, 16 Q / 4 KV, MLP 2816, vocab 32000: 0.27B), tinyllama (1.1B),
+Shapes: small (8 layers, hidden 512, 8 Q / 4 KV, MLP 1408, vocab 32000: 50M), mid (16 layers, hidden 1024, 16 Q / 4 KV, MLP 2816, vocab 32000: 0.27B), tinyllama (1.1B),
 llama3-8b (32 layers, hidden 4096, 32 Q / 8 KV, MLP 14336, vocab 128256: 8.0B). Results go to
 benchmarks/results/layerwise_<shape>.json and are rendered into benchmarks/results/layerwise.md.
 `--estimate-only` prints the plan's estimate without running (used for Llama-3-70B on paper).
@@ -32,6 +32,8 @@ import torch
 from benchmarks.common import RESULTS
 
 SHAPES = {
+    "small": dict(num_hidden_layers=8, hidden_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                  intermediate_size=1408, vocab_size=32000),
     "mid": dict(num_hidden_layers=16, hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
                 intermediate_size=2816, vocab_size=32000),
     "tinyllama": dict(num_hidden_layers=22, hidden_size=2048, num_attention_heads=32, num_key_value_heads=4,
@@ -41,7 +43,7 @@ SHAPES = {
     "llama3-70b": dict(num_hidden_layers=80, hidden_size=8192, num_attention_heads=64, num_key_value_heads=8,
                        head_dim=128, intermediate_size=28672, vocab_size=128256),
 }
-DROP = {"mid": 2, "tinyllama": 2, "llama3-8b": 4, "llama3-70b": 8}
+DROP = {"small": 1, "mid": 2, "tinyllama": 2, "llama3-8b": 4, "llama3-70b": 8}
 
 
 def config_of(shape: str):

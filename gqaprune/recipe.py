@@ -140,8 +140,8 @@ def check_layerwise(recipe) -> None:
                 raise ValueError(f"{where}: with calibration.pipeline: layerwise, layer_drop must be the first stage")
             continue
         scores = STAGE_SCORES.get(st.type)
-        if scores is None:  # recover, awq
-            raise ValueError(f"{where} needs the whole pruned model and cannot run with calibration.pipeline: "
+        if scores is None:  # recover, awq (and any other stage that is not layer-local)
+            raise ValueError(f"{where} needs the whole model and cannot run with calibration.pipeline: "
                              "layerwise; run it in a second recipe on the layer-wise output (or use pipeline: in_memory)")
         if not scores[st.score].layer_local:
             why = "needs whole-model gradients" if scores[st.score].needs_gradients else "measures the whole model's loss"

@@ -35,18 +35,22 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from gqaprune.arch.adapter import decoder_layers, get_module, head_dim_of, layer_shape
+from gqaprune.arch.adapter import decoder_layers, get_module, head_dim_of, layer_shape, model_shapes
 from gqaprune.context import RunContext
-from gqaprune.errors import InputError
 from gqaprune.execution.weights import (SafetensorsFolder, ShardWriter, build_shell, live_layers, load_non_layer,
                                         materialize_layer, release_layer)
 from gqaprune.ops.reconstruct import relative_error, repair, repair_paired, repair_residual
 from gqaprune.ops.surgery import drop_layers, prune_channels, prune_heads
-from gqaprune.scoring.stats import Stats, role_paths, watch_inputs
-from gqaprune.stages.amounts import aligned_keep, heads_removed, protected
+from gqaprune.plan import check_layerwise_model
+from gqaprune.schema import repair_mode
+from gqaprune.scoring.registry import CHANNEL_SCORES, HEAD_SCORES
+from gqaprune.scoring.stats import Stats, attach_hooks, role_paths
+from gqaprune.stages import STAGES
+from gqaprune.stages.base import PlanInput
 from gqaprune.stages.head_prune import HeadPrune, choose_heads
 from gqaprune.stages.layer_drop import LayerDrop, contiguous_runs
 from gqaprune.stages.neuron_prune import NeuronPrune, global_keep
+from gqaprune.stages.output_norms import layer_drop_reconstruct
 
 
 class _Stop(Exception):
@@ -145,6 +149,7 @@ class StageRun:
     """A head_prune or neuron_prune stage as the layer-wise pipeline runs it."""
     cfg: object
     sequential: bool
+    counts: dict  # the stage's plan counts (head_prune: removed, protected; neuron_prune: kept, want)
     decision: dict[int, int] | None = None  # global allocation: layer -> removals (heads) / kept width (neurons)
     scores: dict[int, object] = field(default_factory=dict)  # filled by a scoring sweep
     sq_norms: dict[int, float] = field(default_factory=dict)  # layer -> mean ||h||^2 of its input
@@ -159,27 +164,27 @@ class StageRun:
     def role(self, adapter) -> str:
         return adapter.layer.o if self.heads else adapter.layer.down
 
-    def watches_inputs(self) -> bool:
-        c = self.cfg
-        gram = self.wants_gram()
-        return gram or c.score in (("activation",) if self.heads else ("activation", "frequency"))
-
-    def wants_gram(self) -> bool:
-        c = self.cfg
-        return (c.reconstruct == "least_squares" and not self.sequential) or c.score == "reconstruction"
+    def needs(self) -> frozenset:
+        """The statistics of the stage's score (gqaprune.scoring.base.STATISTICS), plus the Gram matrix a
+        one-shot repair solves from."""
+        score = (HEAD_SCORES if self.heads else CHANNEL_SCORES)[self.cfg.score]
+        assert score.layer_local, f"{self.cfg.score} is not layer-local (recipe.check_layerwise refuses it)"
+        one_shot = self.cfg.reconstruct == "least_squares" and not self.sequential
+        return score.needs | ({"gram"} if one_shot else set())
 
 
 def layer_stats(ctx, sr: StageRun, j: int, layer, stream: Stream) -> tuple[Stats, list, list | None]:
     """Stage statistics of layer ``j`` on ``stream``; (stats, the layer's outputs, dense role inputs)."""
     stats = Stats()
     role = sr.role(ctx.adapter)
-    path = role_paths(ctx.adapter, j, ["o" if sr.heads else "down"])["o" if sr.heads else "down"]
-    handles, dense = [], []
-    if sr.watches_inputs():
-        hd = head_dim_of(ctx.model.config, ctx.adapter) if sr.heads else None
-        fire = sr.cfg.frequency_threshold if (not sr.heads and sr.cfg.score == "frequency") else None
-        handles.append(watch_inputs(stats, get_module(layer, role), path, head_dim=hd, fire_threshold=fire,
-                                    gram=sr.wants_gram()))
+    needs = sr.needs()
+    watched = [role] if needs & {"gram", "input_sq", "head_norm", "fire"} else []
+    # keyed by the model's paths (prefix), as gqaprune.scoring.gather keys them, so the scores read them as usual
+    handles = attach_hooks(layer, stats, input_paths=watched, head_norm_paths=watched if "head_norm" in needs else [],
+                           head_dim=head_dim_of(ctx.model.config, ctx.adapter), gram="gram" in needs,
+                           fire_threshold=sr.cfg.frequency_threshold if "fire" in needs else None,
+                           prefix=f"{ctx.adapter.model.layers}.{j}.")
+    dense = []
     if sr.sequential:
         handles.append(get_module(layer, role).register_forward_pre_hook(
             lambda m, args: dense.append(args[0].detach().reshape(-1, args[0].shape[-1]))))
@@ -222,13 +227,11 @@ def prune_layer(ctx, sr: StageRun, j: int, layer, scores, stats, dense, pruned_i
     c, adapter = sr.cfg, ctx.adapter
     hd = head_dim_of(ctx.model.config, adapter)
     shape = layer_shape(layer, adapter, hd)
-    n_layers = len(decoder_layers(ctx.model, adapter))
-    prot = protected(c.protect_layers, n_layers, c.type)
     mod = get_module(layer, sr.role(adapter))
     if sr.heads:
         q, grp = scores
-        n_remove = heads_removed(c, shape["num_attention_heads"], shape["num_key_value_heads"])
-        r = sr.decision[j] if sr.decision is not None else (0 if j in prot else n_remove)
+        uniform = 0 if j in sr.counts["protected"] else sr.counts["removed"]
+        r = sr.decision[j] if sr.decision is not None else uniform
         keep, removed_kv = choose_heads(c.unit, q, grp, r)
         kept_q = sorted(h for qs in keep.values() for h in qs)
         entry = {"layer": j, "removed": r, "group_scores": [float(x) for x in grp],
@@ -248,7 +251,7 @@ def prune_layer(ctx, sr: StageRun, j: int, layer, scores, stats, dense, pruned_i
     if sr.decision is not None:
         keep_n = sr.decision.get(j, width)
     else:
-        keep_n = width if j in prot else aligned_keep(width, c)[0]
+        keep_n = sr.counts["kept"].get(j, width)  # protected layers are not in the plan's kept widths
     entry = {"layer": j, "width_before": width}
     if keep_n < width:
         order = torch.argsort(scores, descending=True, stable=True)
@@ -295,6 +298,19 @@ class Pipeline:
         return layer
 
 
+def stage_runs(recipe, cfgs: list, offset: int, shell, adapter) -> list[StageRun]:
+    """The pruning stages as the sweeps run them, each with its plan's counts: the stages' plans chained on the
+    shell's layer shapes (after any layer drop), as gqaprune.plan.simulate chains them."""
+    shapes = model_shapes(shell, adapter)
+    runs = []
+    for k, cfg in enumerate(cfgs):
+        planned = STAGES[cfg.type](cfg).plan(shapes, PlanInput(f"stages[{offset + k}] {cfg.type}", shell.config, adapter))
+        sequential = repair_mode(recipe.calibration, cfg.reconstruct) == "sequential"
+        runs.append(StageRun(cfg, sequential=sequential, counts=planned.counts))
+        shapes = planned.shapes
+    return runs
+
+
 def _numel(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -339,16 +355,13 @@ def decide_global(ctx, sr: StageRun) -> None:
     c = sr.cfg
     adapter = ctx.adapter
     n = len(decoder_layers(ctx.model, adapter))
-    hd = head_dim_of(ctx.model.config, adapter)
-    shapes = [layer_shape(layer, adapter, hd) for layer in decoder_layers(ctx.model, adapter)]  # meta: shapes only
-    prot = protected(c.protect_layers, n, c.type)
     if sr.heads:
-        n_remove = heads_removed(c, shapes[0]["num_attention_heads"], shapes[0]["num_key_value_heads"])
         sq = torch.tensor([sr.sq_norms[i] for i in range(n)], dtype=torch.float64)
-        sr.decision = HeadPrune(c).per_layer_removals(ctx, sr.scores, prot, n_remove, n, input_sq_norms=sq)
+        sr.decision = HeadPrune(c).per_layer_removals(ctx, sr.scores, sr.counts["protected"], sr.counts["removed"],
+                                                      n, input_sq_norms=sq)
     else:
-        cand = [i for i in range(n) if i not in prot]
-        sr.decision, _ = global_keep(c, cand, [s["intermediate_size"] for s in shapes], sr.scores)
+        widths = [s["intermediate_size"] for s in model_shapes(ctx.model, adapter)]  # meta layers: shapes only
+        sr.decision, _ = global_keep(c.align, sr.counts["want"], widths, sr.scores)
     sr.scores = {}
 
 
@@ -360,7 +373,8 @@ def drop_decision(pipe: Pipeline, cfg, start: Stream) -> dict:
     ctx = pipe.ctx
     drop = LayerDrop(cfg)
     n_layers = len(decoder_layers(ctx.model, ctx.adapter))
-    n = drop.count(n_layers)
+    counts = drop.plan(model_shapes(ctx.model, ctx.adapter), PlanInput("stages[0] layer_drop")).counts
+    n = counts["drop"]
     gap = 1 if cfg.score == "block_influence" else n
     cos = torch.zeros(n_layers + 1, n_layers + 1, dtype=torch.float64)
     window = [_unit(start.hidden)]  # unit-normalised hidden states of the last gap+1 layer boundaries
@@ -376,16 +390,17 @@ def drop_decision(pipe: Pipeline, cfg, start: Stream) -> dict:
             count = sum(u.shape[0] for u in window[0])
             cos[j + 1 - gap, j + 1] = sum(float(torch.einsum("th,th->", a, b)) for a, b in zip(window[0], window[-1]))
             cos[j + 1 - gap, j + 1] /= count
-    scores, dropped = drop.choose(cos, n_layers)
+    scores, dropped = drop.choose(cos, n_layers, n, *counts["candidates"])
     repairs = []
-    if cfg.reconstruct == "least_squares":
+    reconstruct, note = layer_drop_reconstruct(cfg, ctx.adapter)
+    if reconstruct == "least_squares":
         runs = contiguous_runs(dropped)
         pipe.drop_repairs = residual_sweep(pipe, runs, start)
         for s, e in runs:
             repairs.append({"dropped": list(range(s, e)), "repaired_layer": s - 1 if s > 0 else None}
                            if s > 0 else {"dropped": list(range(s, e)), "repaired_layer": None,
                                           "why_not": "no kept layer before layer 0"})
-    return {"reconstruct": cfg.reconstruct, "repairs": repairs, "score": cfg.score, "layer_scores": scores,
+    return {"reconstruct": reconstruct, **({"note": note} if note else {}), "repairs": repairs, "score": cfg.score, "layer_scores": scores,
             "dropped_layers": dropped, "num_layers_before": n_layers, "num_layers_after": n_layers - len(dropped)}
 
 
@@ -440,13 +455,6 @@ def residual_sweep(pipe: Pipeline, runs: list[tuple[int, int]], start: Stream) -
 # --- the whole run --------------------------------------------------------------------------------
 
 
-def _check_uniform_attention(shell, adapter) -> None:
-    kinds = {getattr(layer, "attention_type", None) for layer in decoder_layers(shell, adapter)}
-    if len(kinds) > 1:
-        raise InputError(f"calibration.pipeline: layerwise: the model mixes attention types {sorted(map(str, kinds))} "
-                         "(sliding-window layers); use pipeline: in_memory")
-
-
 def _cast(stream: Stream, dtype: torch.dtype) -> Stream:
     """The stream as a model in ``dtype`` would carry it (hidden states, rotary cos/sin)."""
     def cast(v):
@@ -475,7 +483,7 @@ def prune_layerwise(recipe, model_dir, adapter, calib: torch.Tensor, folder, *, 
     t0 = time.perf_counter()
     weights = SafetensorsFolder(model_dir)
     shell = build_shell(model_dir, dtype)
-    _check_uniform_attention(shell, adapter)
+    check_layerwise_model(shell.config)  # validate refuses it first (gqaprune.plan.simulate)
     load_non_layer(shell, adapter, weights, dtype)
     ctx = RunContext(model=shell, adapter=adapter, tokenizer=tokenizer, recipe=recipe, calib=calib, progress=progress)
     bs = recipe.calibration.batch_size
@@ -497,7 +505,7 @@ def prune_layerwise(recipe, model_dir, adapter, calib: torch.Tensor, folder, *, 
         cfgs = cfgs[1:]
     offset = len(recipe.stages) - len(cfgs)
     pipe.reset()
-    runs = [StageRun(c, sequential=recipe.calibration.sequential and c.reconstruct == "least_squares") for c in cfgs]
+    runs = stage_runs(recipe, cfgs, offset, shell, adapter)
     for k, sr in enumerate(runs):
         if sr.cfg.allocation == "global":
             sweep(pipe, runs, [start.copy() for _ in range(k + 1)], score_stage=k,
@@ -556,6 +564,7 @@ def stream_folder(folder, adapter, batches: list[dict], dtype: torch.dtype, prog
     number of decoder layers that held weights at once)."""
     weights = SafetensorsFolder(folder)
     shell = build_shell(folder, dtype)
+    check_layerwise_model(shell.config)
     load_non_layer(shell, adapter, weights, dtype)
     stream = embed(shell, adapter, batches)
     most = 0

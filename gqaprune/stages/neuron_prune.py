@@ -166,3 +166,22 @@ class NeuronPrune(Stage):
     def card_what(cls, s: dict) -> str:
         return (f"MLP channels by {s['score']} ({s['allocation']}, reconstruct {s['reconstruct']}, align {s['align']}); "
                 f"widths after: {[l['width_after'] for l in s['layers']]}")
+
+
+def global_keep(align: int, want: dict[int, int], widths: list[int],
+                scores: dict[int, torch.Tensor]) -> tuple[dict[int, int], dict[int, int]]:
+    """Global allocation: rank raw scores across layers (as head_prune does), keep as many channels in all as
+    the plan's wanted widths ``want`` (unprotected layer -> width before alignment) sum to, then align each
+    layer's kept width. Returns (kept width, rounded-down-by) per unprotected layer. Shared with the layer-wise
+    pipeline (gqaprune.execution)."""
+    cand = sorted(want)
+    normed = sorted(((float(s), i) for i in cand for s in scores[i]), reverse=True)
+    counts = {i: 0 for i in cand}
+    for _, i in normed[:sum(want.values())]:
+        counts[i] += 1
+    keep_n, rounding = {}, {}
+    for i in cand:
+        wanted = max(counts[i], align)
+        keep_n[i] = min(max(align, wanted // align * align), widths[i])
+        rounding[i] = wanted - keep_n[i]
+    return keep_n, rounding

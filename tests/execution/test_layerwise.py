@@ -12,6 +12,10 @@ from gqaprune.recipe import parse_recipe
 from gqaprune.stages import build_stage
 from tiny import FAMILIES, save_tiny
 
+# families whose tiny model mixes sliding-window and full-attention layers: the layer-wise pipeline refuses them
+MIXED_ATTENTION = ("gemma3",)
+REFUSAL = r"calibration.pipeline: layerwise: the model mixes attention kinds .*sliding.*use calibration.pipeline: in_memory"
+
 
 def _recipe(allocation: str, pipeline: str):
     unit = "group" if allocation == "uniform" else "query_head"
@@ -34,14 +38,29 @@ def _calib(vocab: int) -> torch.Tensor:
 def source(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"src-{request.param}")
     model, tok = save_tiny(request.param, folder, num_hidden_layers=5)
+    assert (len(set(getattr(model.config, "layer_types", None) or [])) > 1) == (request.param in MIXED_ATTENTION)
     return request.param, folder, model.config.vocab_size
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_layerwise_equals_in_memory_sequential(source, allocation, tmp_path):
+    from gqaprune.errors import InputError
+    from gqaprune.plan import simulate
+
     family, folder, vocab = source
     calib = _calib(vocab)
     probe = _calib(vocab)[:2]
+    if family in MIXED_ATTENTION:  # refused by validate (simulate), and by the pipeline itself
+        model = load_pretrained(folder, dtype=torch.float32)
+        adapter = resolve_adapter("auto", model.config.architectures)
+        with pytest.raises(InputError, match=REFUSAL):
+            simulate(_recipe(allocation, "layerwise"), model.config, adapter)
+        simulate(_recipe("uniform", "in_memory"), model.config, adapter)  # the same recipe in memory is valid
+        with pytest.raises(InputError, match=REFUSAL):
+            prune_layerwise(_recipe(allocation, "layerwise"), folder, adapter, calib, tmp_path / "lw",
+                            dtype=torch.float32, save_dtype=torch.float32, probe=probe, progress=False)
+        assert not (tmp_path / "lw").exists()
+        return
     # in memory, sequential
     recipe = _recipe(allocation, "in_memory")
     model = load_pretrained(folder, dtype=torch.float32)
@@ -83,6 +102,12 @@ def test_streamed_perplexity_equals_in_memory(source):
     model = load_pretrained(folder, dtype=torch.float32)
     adapter = resolve_adapter("auto", model.config.architectures)
     tokens = torch.randint(3, vocab, (150,), generator=torch.Generator().manual_seed(2))
+    if family in MIXED_ATTENTION:
+        from gqaprune.errors import InputError
+
+        with pytest.raises(InputError, match=REFUSAL):
+            streamed_perplexity(folder, adapter, tokens, 40, 30, 2, torch.float32)
+        return
     want = perplexity(model, tokens, seq_len=40, stride=30, batch_size=2, progress=False)
     got = streamed_perplexity(folder, adapter, tokens, 40, 30, 2, torch.float32)
     assert got["tokens"] == want["tokens"] and got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-5)
@@ -155,15 +180,47 @@ def test_never_more_than_one_decoder_layer_in_memory(tmp_path, monkeypatch):
 def test_taylor_with_layerwise_is_a_validate_error_naming_the_alternatives():
     from gqaprune.errors import InputError
 
-    for stage, names in (("head_prune", "activation, magnitude, reconstruction, random, truncate"),
-                         ("neuron_prune", "activation, magnitude, reconstruction, frequency, random")):
-        for score in ("taylor", "taylor2") if stage == "head_prune" else ("taylor",):
+    from gqaprune.scoring.registry import CHANNEL_SCORES, HEAD_SCORES
+
+    for stage, scores in (("head_prune", HEAD_SCORES), ("neuron_prune", CHANNEL_SCORES)):
+        names = ", ".join(n for n, s in scores.items() if s.layer_local)  # the registry's layer-local scores
+        assert "activation" in names and "reconstruction" in names and "taylor" not in names
+        refused = {"taylor": "needs whole-model gradients", "taylor2": "needs whole-model gradients",
+                   "ablation": "measures the whole model's loss"}
+        for score in (n for n in refused if n in scores):
             text = (f"model: x\noutput: o\ncalibration: {{pipeline: layerwise}}\n"
                     f"stages:\n  - {{type: {stage}, prune_ratio: 0.5, score: {score}}}\n")
-            with pytest.raises(InputError, match=f"score {score} needs whole-model gradients.*{names}"):
+            with pytest.raises(InputError, match=f"score {score} {refused[score]}.*use a layer-local score: {names} "):
                 parse_recipe(text)
+        for score in (n for n, s in scores.items() if s.layer_local):  # every layer-local score is accepted
+            text = (f"model: x\noutput: o\ncalibration: {{pipeline: layerwise}}\n"
+                    f"stages:\n  - {{type: {stage}, prune_ratio: 0.5, score: {score}, allocation: global}}\n")
+            assert parse_recipe(text).stages[0].score == score
+    by_importance = ("model: x\noutput: o\ncalibration: {pipeline: layerwise}\nstages:\n"
+                     "  - {type: head_prune, prune_ratio: 0.5, score: activation, allocation: by_layer_importance}\n")
+    with pytest.raises(InputError, match="allocation by_layer_importance is not available with calibration.pipeline: "
+                                         "layerwise; use uniform or global"):
+        parse_recipe(by_importance)
     ok = "model: x\noutput: o\ncalibration: {pipeline: layerwise}\nstages:\n  - {type: head_prune, prune_ratio: 0.5, score: activation}\n"
     assert parse_recipe(ok).calibration.pipeline == "layerwise"
     assert parse_recipe(ok.replace("pipeline: layerwise", "samples: 8")).calibration.pipeline == "in_memory"
-    with pytest.raises(InputError, match="recover needs the whole pruned model"):
+    with pytest.raises(InputError, match="recover needs the whole model and cannot run with calibration.pipeline: "
+                                         "layerwise"):
         parse_recipe(ok + "  - {type: recover, steps: 2}\n")
+
+
+def test_validate_refuses_layerwise_on_sliding_window_layers_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from gqaprune.cli import main
+    from tiny import write_recipe
+
+    save_tiny("gemma3", tmp_path / "src", num_hidden_layers=4)
+    stages = "  - {type: head_prune, prune_ratio: 0.5, score: magnitude}\n"
+    bad = write_recipe(tmp_path, tmp_path / "src", stages, calibration="{samples: 8, pipeline: layerwise}")
+    res = CliRunner().invoke(main, ["validate", str(bad)])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert "mixes attention kinds ['full_attention', 'sliding_attention']" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    good = write_recipe(tmp_path, tmp_path / "src", stages, calibration="{samples: 8}")
+    assert CliRunner().invoke(main, ["validate", str(good)]).exit_code == 0

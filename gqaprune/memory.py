@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gqaprune.arch.adapter import Adapter, cfg_get, head_dim_of
+from gqaprune.recipe import STAGE_SCORES
 
 GRAM_BYTES = 4  # float32 accumulation (gqaprune.scoring.stats)
 SOLVE_BYTES = 8  # float64 solves (gqaprune.ops.reconstruct)
@@ -110,19 +111,20 @@ def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_pa
         if st.type in ("head_prune", "neuron_prune"):
             widths = [_role_width(st.type, s, hd) for s in shapes]
             w = max(widths)
+            score = STAGE_SCORES[st.type][st.score]  # what the score reads, from the registry
             sequential = cal.sequential and st.reconstruct == "least_squares"
-            want_gram = (st.reconstruct == "least_squares" and not sequential) or st.score == "reconstruction"
+            want_gram = (st.reconstruct == "least_squares" and not sequential) or "gram" in score.needs
             if want_gram:
                 mem["grams"] = sum(x * x for x in widths) * GRAM_BYTES
                 lw["grams"] = w * w * GRAM_BYTES
-            solves = st.reconstruct == "least_squares" or st.score == "reconstruction"
+            solves = st.reconstruct == "least_squares" or "gram" in score.needs  # reconstruction: OBS costs
             solve = SOLVE_MATRICES * w * w * SOLVE_BYTES if solves else 0
             mem["grams"] += solve
             lw["grams"] += solve
             if sequential:
                 mem["dense_copy"] = params * b
                 lw["activations"] += tokens * w * b  # the dense inputs of the repaired projection
-            if st.score in ("taylor", "taylor2"):
+            if score.needs_gradients:
                 mem["gradients"] = max(vocab * hidden, max(layer_params(s) for s in shapes)) * b
                 heads = max(s["num_attention_heads"] for s in shapes)
                 inter = max(s["intermediate_size"] for s in shapes)

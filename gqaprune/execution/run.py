@@ -77,7 +77,9 @@ def run_layerwise(recipe, recipe_text, recipe_path, config, adapter, plans, eval
                           stage_reports=stages, before=before, after=after,
                           gates=check_gates(eval_cfg.gates, before, after), params_before=params_before,
                           kv_before=kv_before, output={"kind": kind, "loader": loader, "params_after":
-                                                       count_params(out_shell), "per_layer": res["shapes_after"]},
+                                                       count_params(out_shell), "per_layer": res["shapes_after"],
+                                                       "hidden_size": int(getattr(out_shell.config,
+                                                                                  adapter.config.hidden_size))},
                           roundtrip=roundtrip, awq_report=None, save_as=None, timings=timings,
                           runtime=runtime_info(torch.device("cpu"), dtype, save_dtype))
     report["pipeline"] = {"kind": "layerwise", "sweeps": res["sweeps"],

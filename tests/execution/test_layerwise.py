@@ -133,6 +133,7 @@ def test_run_layerwise_writes_a_checked_output(tmp_path):
     assert json.loads((out / "report.json").read_text())["params_after"] < report["params_before"]
     model = load(out)  # the output reloads with the ordinary loader, with the shapes the report gives
     assert len(model.model.layers) == 3 == report["shapes_after"]["num_hidden_layers"]
+    assert report["shapes_after"]["hidden_size"] == model.config.hidden_size
     assert report["params_after"] == sum(p.numel() for p in model.parameters())
 
 
@@ -207,6 +208,8 @@ def test_taylor_with_layerwise_is_a_validate_error_naming_the_alternatives():
     with pytest.raises(InputError, match="recover needs the whole model and cannot run with calibration.pipeline: "
                                          "layerwise"):
         parse_recipe(ok + "  - {type: recover, steps: 2}\n")
+    with pytest.raises(InputError, match="stages\\[0\\] hidden_prune needs the whole model"):
+        parse_recipe(ok.replace("head_prune, prune_ratio: 0.5, score: activation", "hidden_prune, prune_ratio: 0.1"))
 
 
 def test_validate_refuses_layerwise_on_sliding_window_layers_in_one_line(tmp_path):

@@ -49,7 +49,7 @@ from gqaprune.stages import STAGES
 from gqaprune.stages.base import PlanInput
 from gqaprune.stages.head_prune import HeadPrune, choose_heads
 from gqaprune.stages.layer_drop import LayerDrop, contiguous_runs
-from gqaprune.stages.neuron_prune import NeuronPrune, global_keep
+from gqaprune.stages.neuron_prune import NeuronPrune
 from gqaprune.stages.output_norms import layer_drop_reconstruct
 
 
@@ -152,7 +152,7 @@ class StageRun:
     counts: dict  # the stage's plan counts (head_prune: removed, protected; neuron_prune: kept, want)
     decision: dict[int, int] | None = None  # global allocation: layer -> removals (heads) / kept width (neurons)
     scores: dict[int, object] = field(default_factory=dict)  # filled by a scoring sweep
-    sq_norms: dict[int, float] = field(default_factory=dict)  # layer -> mean ||h||^2 of its input
+    sq_norms: dict[int, float] = field(default_factory=dict)  # layer -> median over tokens of its input's ||h||^2
     layers: list[dict] = field(default_factory=list)  # report entries
     layer_params: list[int] = field(default_factory=lambda: [0, 0])  # decoder-layer parameters before, after
     seconds: float = 0.0  # time spent on this stage in the main sweep
@@ -331,7 +331,9 @@ def sweep(pipe: Pipeline, stages: list[StageRun], streams: list[Stream], score_s
             scores = layer_scores(ctx, sr, j, stats)
             if k == score_stage:
                 sr.scores[j] = scores
-                sr.sq_norms[j] = sum(float(h.double().pow(2).sum(-1).sum()) for h in streams[k].hidden) / stats.tokens
+                # the typical token's ||h||^2 at the layer's input, as gqaprune.scoring.hidden.layer_input_sq_norms
+                per_token = torch.cat([h.double().pow(2).sum(-1).reshape(-1) for h in streams[k].hidden])  # (tokens,)
+                sr.sq_norms[j] = float(per_token.median())
             else:
                 entry = prune_layer(ctx, sr, j, layer, scores, stats, dense, streams[k + 1])
                 if score_stage is None:
@@ -355,13 +357,13 @@ def decide_global(ctx, sr: StageRun) -> None:
     c = sr.cfg
     adapter = ctx.adapter
     n = len(decoder_layers(ctx.model, adapter))
+    sq = torch.tensor([sr.sq_norms[i] for i in range(n)], dtype=torch.float64)  # what a whole-model pass measures
     if sr.heads:
-        sq = torch.tensor([sr.sq_norms[i] for i in range(n)], dtype=torch.float64)
         sr.decision = HeadPrune(c).per_layer_removals(ctx, sr.scores, sr.counts["protected"], sr.counts["removed"],
                                                       n, input_sq_norms=sq)
     else:
         widths = [s["intermediate_size"] for s in model_shapes(ctx.model, adapter)]  # meta layers: shapes only
-        sr.decision, _ = global_keep(c.align, sr.counts["want"], widths, sr.scores)
+        sr.decision, _ = NeuronPrune(c).global_widths(ctx, sr.scores, sr.counts["want"], widths, input_sq_norms=sq)
     sr.scores = {}
 
 

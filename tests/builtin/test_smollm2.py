@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from gqaprune.builtin import smollm2
 from gqaprune.cli import main
+from gqaprune.report.provenance import sha256_file
 
 REAL_RECIPE = "model: builtin:smollm2-135m\noutput: {out}\nstages:\n  - type: layer_drop\n    num_layers: 1\n"
 
@@ -94,7 +95,7 @@ def test_conversion_reloads_with_stock_loader_and_same_logits(real_folder):
     assert a.shape == b.shape == (1, ids.shape[1], 49152)
     assert float((a - b).abs().max()) == 0.0
     info = smollm2.gguf_info(real_folder)
-    assert info["quantization"] == "MOSTLY_Q4_1" and info["source_sha256"] == smollm2._sha256(gguf_file)
+    assert info["quantization"] == "MOSTLY_Q4_1" and info["source_sha256"] == sha256_file(gguf_file)
 
 
 @pytest.mark.real

@@ -241,7 +241,6 @@ class Recover(Stage):
                 raise CheckFailed("recover (distill) needs the teacher: the runner keeps a copy of the model before "
                                   "the first stage when a recipe has a distill stage (ctx.teacher is unset)")
             teacher.eval().requires_grad_(False)
-            t_device = next(teacher.parameters()).device
         stream, data_info = training_stream(ctx, c)
         ppl_before = self._heldout_ppl(ctx, base)
 
@@ -260,12 +259,7 @@ class Recover(Stage):
             trainable = [p for p in model.parameters() if p.requires_grad]
             n_trainable = sum(p.numel() for p in trainable)
             n_total = sum(p.numel() for p in model.parameters())
-            decay = [p for p in trainable if p.ndim >= 2]
-            no_decay = [p for p in trainable if p.ndim < 2]
-            groups = [{"params": decay, "weight_decay": c.weight_decay}]
-            if no_decay:
-                groups.append({"params": no_decay, "weight_decay": 0.0})
-            optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=ADAM_BETAS)
+            optimizer = _adamw(trainable, c)
             warmup = round(c.warmup_ratio * c.steps)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, c.steps, warmup))
             model.train()
@@ -279,24 +273,7 @@ class Recover(Stage):
                 for _ in range(c.grad_accum):
                     ids = draw_windows(stream, c.batch_size, c.seq_len, gen).to(accelerator.device)
                     with accelerator.accumulate(model):
-                        logits = model(input_ids=ids, use_cache=False).logits
-                        if teacher is not None:
-                            lm = lm_loss(logits, ids) if c.alpha < 1 else logits.new_zeros((), dtype=torch.float32)
-                            if c.alpha > 0:
-                                with torch.no_grad():
-                                    t_logits = teacher(input_ids=ids.to(t_device), use_cache=False).logits
-                                t_logits = t_logits.to(logits.device)
-                                if t_logits.shape != logits.shape:
-                                    raise CheckFailed(f"recover (distill): teacher logits {tuple(t_logits.shape)} "
-                                                      f"and student logits {tuple(logits.shape)} differ in shape")
-                                kl = kd_loss(logits, t_logits, c.temperature)
-                            else:
-                                kl = logits.new_zeros((), dtype=torch.float32)
-                            loss = c.alpha * kl + (1 - c.alpha) * lm
-                            parts = torch.stack([loss.detach(), kl.detach(), lm.detach()])
-                        else:
-                            loss = lm_loss(logits, ids)
-                            parts = torch.stack([loss.detach(), loss.new_zeros(()), loss.detach()])
+                        loss, parts = _batch_loss(model, teacher, ids, c)
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:
                             accelerator.clip_grad_norm_(trainable, GRAD_CLIP)
@@ -318,7 +295,7 @@ class Recover(Stage):
         accelerator.wait_for_everyone()
         trained = accelerator.unwrap_model(model)
         accelerator.free_memory()  # drop the DDP wrapper (and its gradient hooks) and the optimizer state
-        del model, optimizer, scheduler, trainable, decay, no_decay, groups
+        del model, optimizer, scheduler, trainable
         gc.collect()
         final = merge_lora(trained) if c.method == "lora" else trained
         del trained
@@ -348,3 +325,35 @@ class Recover(Stage):
         if c.method == "distill":
             report.update(alpha=c.alpha, temperature=c.temperature)
         return report
+
+
+def _adamw(trainable: list, c) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm weights and biases are not decayed)."""
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": c.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=c.lr, betas=ADAM_BETAS)
+
+
+def _batch_loss(model, teacher, ids: torch.Tensor, c) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss of one micro-batch and its detached parts (total, kl, lm) for the loss curve."""
+    logits = model(input_ids=ids, use_cache=False).logits
+    if teacher is None:
+        loss = lm_loss(logits, ids)
+        return loss, torch.stack([loss.detach(), loss.new_zeros(()), loss.detach()])
+    lm = lm_loss(logits, ids) if c.alpha < 1 else logits.new_zeros((), dtype=torch.float32)
+    if c.alpha > 0:
+        with torch.no_grad():
+            t_device = next(teacher.parameters()).device
+            t_logits = teacher(input_ids=ids.to(t_device), use_cache=False).logits
+        t_logits = t_logits.to(logits.device)
+        if t_logits.shape != logits.shape:
+            raise CheckFailed(f"recover (distill): teacher logits {tuple(t_logits.shape)} "
+                              f"and student logits {tuple(logits.shape)} differ in shape")
+        kl = kd_loss(logits, t_logits, c.temperature)
+    else:
+        kl = logits.new_zeros((), dtype=torch.float32)
+    loss = c.alpha * kl + (1 - c.alpha) * lm
+    return loss, torch.stack([loss.detach(), kl.detach(), lm.detach()])

@@ -55,25 +55,18 @@ def writers(adapter: Adapter) -> list[str]:
     return [adapter.layer.o, adapter.layer.down]
 
 
-# The adapter's `norm` and `embedding` sections and the sublayer-output norm roles arrive with the adapters work
-# (Gemma 3, Qwen 3); an adapter file without them describes a norm whose weight is its scale and an unscaled
-# embedding, and whether its norm subtracts the mean is read off the module (nn.LayerNorm).
-
-
 def norm_weight_offset(adapter: Adapter) -> int:
     """The norm scales by (offset + weight): 1 for Gemma's RMSNorm, else 0."""
-    return int(getattr(getattr(adapter, "norm", None), "weight_offset", 0))
+    return adapter.norm.weight_offset
 
 
-def subtracts_mean(model: nn.Module, adapter: Adapter) -> bool:
-    spec = getattr(adapter, "norm", None)
-    if spec is not None:
-        return spec.kind == "layer"
-    return isinstance(get_module(model, adapter.model.final_norm), nn.LayerNorm)
+def subtracts_mean(adapter: Adapter) -> bool:
+    """LayerNorm (Phi-1/2) subtracts the channel mean; RMSNorm does not (the adapter is checked against the model)."""
+    return adapter.norm.kind == "layer"
 
 
 def embedding_scaled_by_sqrt_hidden(adapter: Adapter) -> bool:
-    return getattr(getattr(adapter, "embedding", None), "scale", "none") == "sqrt_hidden"
+    return adapter.embedding.scale == "sqrt_hidden"
 
 
 def output_norm_paths(adapter: Adapter) -> list[str]:
@@ -94,7 +87,7 @@ def is_tied(model: nn.Module, adapter: Adapter) -> bool:
 
 def rotation_problem(model: nn.Module, adapter: Adapter) -> str | None:
     """Why ``rotate: pca`` cannot keep this model's function exactly, or None. Works on a meta model."""
-    if subtracts_mean(model, adapter):
+    if subtracts_mean(adapter):
         return ("rotate: pca needs RMSNorm, but this model's norms are LayerNorm, which subtracts the channel mean: "
                 "LayerNorm(Q^T h) differs from Q^T LayerNorm(h) for a PCA rotation Q, and the RMSNorm that SliceGPT "
                 "swaps in is not a module a stock checkpoint of this architecture can load; use rotate: none")

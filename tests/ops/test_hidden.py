@@ -47,7 +47,7 @@ def _masked_reference(model, adapter, keep):
                     lin.bias[removed] = 0
 
     offset = norm_weight_offset(adapter)  # Gemma's RMSNorm scales by (1 + weight)
-    layer_norm = subtracts_mean(model, adapter)
+    layer_norm = subtracts_mean(adapter)
 
     def norm_over_kept(mod, args, out):
         x = args[0][..., k].float()

@@ -36,20 +36,21 @@ def test_missing_package_is_one_line_exit_2(module, command, tmp_path, monkeypat
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
-def test_missing_gguf_file_is_exit_2(tmp_path):
+def _validate_layer_drop(tmp_path, model: str):
+    """`gqaprune validate` on a one-stage recipe for ``model``."""
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {tmp_path / 'nope.gguf'}\noutput: {tmp_path / 'out'}\nstages:\n"
-                      "  - type: layer_drop\n    num_layers: 1\n")
-    res = CliRunner().invoke(main, ["validate", str(recipe)])
+    recipe.write_text(f"model: {model}\noutput: {tmp_path / 'out'}\nstages:\n  - type: layer_drop\n    num_layers: 1\n")
+    return CliRunner().invoke(main, ["validate", str(recipe)])
+
+
+def test_missing_gguf_file_is_exit_2(tmp_path):
+    res = _validate_layer_drop(tmp_path, str(tmp_path / "nope.gguf"))
     assert res.exit_code == 2
     assert "nope.gguf' does not exist" in res.output and ".gguf file" in res.output
 
 
 def test_unknown_builtin_lists_the_real_one(tmp_path):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: builtin:smollm2-1.7b\noutput: {tmp_path / 'out'}\nstages:\n"
-                      "  - type: layer_drop\n    num_layers: 1\n")
-    res = CliRunner().invoke(main, ["validate", str(recipe)])
+    res = _validate_layer_drop(tmp_path, "builtin:smollm2-1.7b")
     assert res.exit_code == 2
     assert "unknown builtin model 'builtin:smollm2-1.7b'" in res.output
     assert "builtin:smollm2-135m" in res.output and "builtin:tiny-llama" in res.output

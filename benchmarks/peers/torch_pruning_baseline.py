@@ -228,6 +228,14 @@ def _build_pruner(tp, model, calib, imp, ignored, pruning_ratio, num_heads, out_
 # attention heads
 
 
+def _require_tp(ratio: float | None = None, name: str = "") -> None:
+    """Torch-Pruning is installed and ``ratio`` (when given) lies in (0, 1)."""
+    if not available():
+        raise RuntimeError(f"torch-pruning is not installed (pip install torch-pruning=={TP_VERSION})")
+    if ratio is not None and not 0.0 < ratio < 1.0:
+        raise ValueError(f"{name} must be in (0, 1)")
+
+
 def tp_prune_attention(model, calib: torch.Tensor, head_ratio: float, importance: str = "magnitude") -> dict:
     """Remove ``head_ratio`` of the query heads of every layer in place, as Torch-Pruning does it.
 
@@ -235,10 +243,7 @@ def tp_prune_attention(model, calib: torch.Tensor, head_ratio: float, importance
     head. With MHA (n_kv == n_q) every removed head takes its k/v head along (as in the upstream example).
     Returns ``heads_per_layer``, ``kv_heads_per_layer``, ``params``, ``seconds``, ``note``. Raises
     ``NotImplementedError`` where TP 1.6.1 cannot do it (fused qkv_proj with GQA, Phi-style partial rotary)."""
-    if not available():
-        raise RuntimeError(f"torch-pruning is not installed (pip install torch-pruning=={TP_VERSION})")
-    if not 0.0 < head_ratio < 1.0:
-        raise ValueError("head_ratio must be in (0, 1)")
+    _require_tp(head_ratio, "head_ratio")
     cfg = model.config
     layers = _decoder_layers(model)
     n_q, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -348,10 +353,7 @@ def tp_prune_mlp(model, calib: torch.Tensor, channel_ratio: float, importance: s
     """Remove ``channel_ratio`` of the MLP intermediate channels of every layer in place (gate/up/down;
     attention and hidden size untouched). ``round_to`` is passed to MetaPruner (example uses 4; default None
     keeps the exact budget int(I * (1 - ratio)))."""
-    if not available():
-        raise RuntimeError(f"torch-pruning is not installed (pip install torch-pruning=={TP_VERSION})")
-    if not 0.0 < channel_ratio < 1.0:
-        raise ValueError("channel_ratio must be in (0, 1)")
+    _require_tp(channel_ratio, "channel_ratio")
     cfg = model.config
     layers = _decoder_layers(model)
     n_q, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -396,10 +398,7 @@ def tp_prune_hidden(model, calib: torch.Tensor, hidden_ratio: float, importance:
     in place, as Torch-Pruning's hidden-size group does it. Heads and MLP channels are frozen by putting the
     projections that read the stream (q/k/v, gate/up or fused, fc1) in ``ignored_layers`` with the LM head:
     then the only group left with a root is the residual stream (rooted at o_proj/down_proj outputs)."""
-    if not available():
-        raise RuntimeError(f"torch-pruning is not installed (pip install torch-pruning=={TP_VERSION})")
-    if not 0.0 < hidden_ratio < 1.0:
-        raise ValueError("hidden_ratio must be in (0, 1)")
+    _require_tp(hidden_ratio, "hidden_ratio")
     cfg = model.config
     layers = _decoder_layers(model)
     head_dim = _head_dim(model, layers[0].self_attn)
@@ -445,8 +444,7 @@ def tp_prune_default(model, calib: torch.Tensor, ratio: float, importance: str =
     ``head_pruning_ratio``) the query heads, ``round_to=4``, lm_head ignored. Tied input/output embeddings are
     untied first (a copy of the weight for lm_head), because TP slices the embedding's hidden dimension while
     lm_head is ignored; both lose the same hidden channels, so they are tied again afterwards (checked equal)."""
-    if not available():
-        raise RuntimeError(f"torch-pruning is not installed (pip install torch-pruning=={TP_VERSION})")
+    _require_tp()
     cfg = model.config
     layers = _decoder_layers(model)
     if any(_attn_kind(l.self_attn) != "separate" for l in layers):

@@ -35,6 +35,46 @@ class Runtime(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the source model's dtype
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    device_map: Literal["auto"] | None = Field(
+        None, description="auto: load with accelerate's big-model placement (transformers device_map='auto'), "
+        "spreading an in-memory run over several GPUs within max_memory; modules placed on cpu or disk are "
+        "loaded into RAM before the stages and computed on the CPU (gqaprune.io.placement)")
+    max_memory: dict[int | str, int | str] | None = Field(
+        None, description="with device_map: auto, the most each device may hold, e.g. {0: 70GiB, 1: 70GiB, cpu: "
+        "200GiB}; keys are GPU indices, cpu or disk; sizes are bytes or accelerate's strings (GiB, MiB, GB, MB)")
+    offload_folder: str | None = Field(
+        None, description="with device_map: auto, where accelerate may write weights that fit no device (a "
+        "temporary folder is made inside it and removed after the run; default: a temporary folder beside the output)")
+
+    @model_validator(mode="after")
+    def _placement(self):
+        if self.device_map is None:
+            for key in ("max_memory", "offload_folder"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} is used only with device_map: auto (set device_map: auto or remove {key})")
+            return self
+        limits = {}
+        for device, size in (self.max_memory or {}).items():
+            key = int(device) if isinstance(device, str) and device.isdigit() else device  # YAML '0': GPU 0
+            if not (isinstance(key, int) and key >= 0) and key not in ("cpu", "disk"):
+                raise ValueError(f"max_memory: unknown device {device!r}; use GPU indices 0, 1, ..., cpu or disk")
+            if memory_size_bytes(size) is None:
+                raise ValueError(f"max_memory.{device}: {size!r} is not a size; use bytes (an integer) or a number "
+                                 "with GiB, MiB, KiB, GB, MB or KB, e.g. 70GiB")
+            limits[key] = size
+        self.max_memory = limits or None
+        return self
+
+
+def memory_size_bytes(size: int | str) -> int | None:
+    """``size`` in bytes as accelerate reads it (``convert_file_size_to_int``), or None when it is not a size."""
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        n = convert_file_size_to_int(size)
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return n if n > 0 else None
 
 
 class Calibration(TextSource):
@@ -113,6 +153,8 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _cross_stage(self):
         check_stage_order(self.stages)
+        if self.runtime.device_map is not None:
+            check_device_map(self)
         if self.calibration.pipeline == "layerwise":
             check_layerwise(self)
         return self
@@ -153,6 +195,17 @@ def check_layerwise(recipe) -> None:
                              "layerwise; use uniform or global")
     if recipe.save_as != "auto":
         raise ValueError("save_as: mistral is not available with calibration.pipeline: layerwise; use save_as: auto")
+
+
+def check_device_map(recipe) -> None:
+    """What ``runtime.device_map: auto`` can run: the in-memory pipeline's pruning stages (gqaprune.io.placement)."""
+    if recipe.calibration.pipeline == "layerwise":
+        raise ValueError("runtime.device_map: auto needs calibration.pipeline: in_memory (layerwise already holds "
+                         "one decoder layer at a time); remove device_map or use pipeline: in_memory")
+    for i, st in enumerate(recipe.stages):
+        if st.type in ("recover", "awq"):
+            raise ValueError(f"stages[{i}] {st.type} is not available with runtime.device_map: auto (it runs the "
+                             "model on one device); run it in a second recipe on this run's output without device_map")
 
 
 def default_eval(recipe: Recipe) -> EvalConfig:

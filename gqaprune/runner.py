@@ -33,7 +33,8 @@ from gqaprune.errors import CheckFailed, GateFailed, InputError
 from gqaprune.evaluation.checks import check_finite, check_gates, evaluate, perplexity_tokens
 from gqaprune.evaluation.perplexity import perplexity
 from gqaprune.io.data import calibration_windows
-from gqaprune.io.output import atomic_output, check_output_path, remove_stale_temps
+from gqaprune.io.output import atomic_output, check_output_path, remove_stale_temps, temp_names
+from gqaprune.io.placement import load_placed, placement_info
 from gqaprune.io.sources import load_tokenizer, read_config, resolve_model
 from gqaprune.plan import simulate
 from gqaprune.recipe import default_eval, load_recipe
@@ -125,7 +126,11 @@ def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cf
     device, dtype, save_dtype = pick_runtime(recipe.runtime, source_dtype_of(config))
     seed_everything(recipe.seed)
     log(f"loading {recipe.model} ({config.architectures[0]}, adapter {adapter.name}) on {device} in {dtype}")
-    model = load_pretrained(inputs["model_dir"], dtype=dtype, device=str(device))
+    load_map = None
+    if recipe.runtime.device_map is not None:  # accelerate's placement over the GPUs (and cpu/disk)
+        model, load_map = load_placed(inputs["model_dir"], dtype, recipe.runtime, temp_names(out, os.getpid())[3])
+    else:
+        model = load_pretrained(inputs["model_dir"], dtype=dtype, device=str(device))
     check_adapter_on_model(model, adapter)
     check_finite(model, calib[:2], f"{recipe.model}", "before any stage")
     timings["load"] = time.perf_counter() - t
@@ -152,7 +157,8 @@ def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cf
 
     t = time.perf_counter()
     reloaded, saved, roundtrip, awq_report = _save_and_reload(model, save_adapter, tokenizer, awq_cfg, recipe, tmp,
-                                                              probe, device, save_dtype, progress)
+                                                              probe, device, save_dtype, progress,
+                                                              temp_names(out, os.getpid())[3])
     del model
     timings["awq" if awq_cfg is not None else "save"] = time.perf_counter() - t  # incl. reload + logit check
     if not roundtrip["ok"]:
@@ -166,7 +172,8 @@ def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cf
                           stage_reports=stage_reports, before=before, after=after,
                           gates=check_gates(eval_cfg.gates, before, after), params_before=params_before,
                           kv_before=kv_before, output=saved, roundtrip=roundtrip, awq_report=awq_report,
-                          save_as=save_as, timings=timings, runtime=runtime_info(device, dtype, save_dtype))
+                          save_as=save_as, timings=timings,
+                          runtime=runtime_info(device, dtype, save_dtype, load_map and placement_info(load_map)))
     write_report_files(report, recipe_text, tmp, t_start)
     return report
 
@@ -209,8 +216,10 @@ def _run_stages(ctx: RunContext, eval_cfg, kv_bytes: int) -> tuple[list[dict], o
     return stage_reports, awq_cfg
 
 
-def _save_and_reload(model, adapter, tokenizer, awq_cfg, recipe, tmp: Path, probe, device, save_dtype, progress):
-    """Save into ``tmp`` (or quantize, with an awq stage), reload from disk and compare logits on ``probe``.
+def _save_and_reload(model, adapter, tokenizer, awq_cfg, recipe, tmp: Path, probe, device, save_dtype, progress,
+                     offload_default: Path):
+    """Save into ``tmp`` (or quantize, with an awq stage), reload from disk (placed as the run was, under
+    runtime.device_map, offloading into ``offload_default``) and compare logits on ``probe``.
     Returns (reloaded model, {"kind", "loader", "params_after", "per_layer", "hidden_size"}, report["roundtrip"],
     report["awq"])."""
     from gqaprune.io.checkpoint import load_pretrained, save_model  # looked up at call time (tests replace them)
@@ -222,7 +231,10 @@ def _save_and_reload(model, adapter, tokenizer, awq_cfg, recipe, tmp: Path, prob
         ref_logits = model(input_ids=probe.to(device), use_cache=False).logits.float().cpu()
     if awq_cfg is None:
         info = save_model(model, adapter, tmp, tokenizer=tokenizer, dtype=save_dtype)
-        reloaded = load_pretrained(tmp, dtype=save_dtype, device=str(device))
+        if recipe.runtime.device_map is not None:
+            reloaded, _ = load_placed(tmp, save_dtype, recipe.runtime, offload_default)
+        else:
+            reloaded = load_pretrained(tmp, dtype=save_dtype, device=str(device))
         saved = {"kind": "uniform" if info["uniform"] else "per_layer", "loader": info["loader"],
                  "params_after": count_params(reloaded), "per_layer": model_shapes(reloaded, adapter)}
         awq_report = None

@@ -74,7 +74,12 @@ def torch_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
-def runtime_info(device: torch.device, dtype: torch.dtype, save_dtype: torch.dtype) -> dict:
-    """The report's ``runtime`` block: where and in which precision the run computed and saved."""
-    return {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
+def runtime_info(device: torch.device, dtype: torch.dtype, save_dtype: torch.dtype,
+                 device_map: dict | None = None) -> dict:
+    """The report's ``runtime`` block: where and in which precision the run computed and saved (with
+    runtime.device_map: auto, also where accelerate placed each module at load)."""
+    info = {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "save_dtype": str(save_dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
+    if device_map is not None:
+        info["device_map"] = device_map
+    return info

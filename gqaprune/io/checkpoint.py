@@ -298,11 +298,14 @@ def _stock_class_for(config, raw: dict) -> type:
     return cls
 
 
-def load_pretrained(path, dtype=None, device="cpu", attn_implementation=None) -> nn.Module:
+def load_pretrained(path, dtype=None, device="cpu", attn_implementation=None, placement: dict | None = None
+                    ) -> nn.Module:
     """Load a gqaprune output folder of either kind (uniform or per-layer-shaped), without remote code.
 
     Only safetensors weights are read; every weight of the model must be in the checkpoint and every
-    checkpoint tensor must belong to the model, with the same shape."""
+    checkpoint tensor must belong to the model, with the same shape. ``placement`` ({"device_map": "auto",
+    "max_memory": ..., "offload_folder": ...}, see gqaprune.io.placement) loads through accelerate's big-model
+    placement instead of onto ``device``: the model comes back dispatched, with ``model.hf_device_map``."""
     import transformers
     from safetensors import SafetensorError
 
@@ -314,6 +317,8 @@ def load_pretrained(path, dtype=None, device="cpu", attn_implementation=None) ->
     kwargs["dtype"] = target if target is not None else "auto"
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if placement is not None:
+        kwargs.update(placement)
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any config failure is a bad folder
@@ -336,6 +341,6 @@ def load_pretrained(path, dtype=None, device="cpu", attn_implementation=None) ->
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"'{path}': cannot load the model from its config and weights: {first}") from None
     _check_loading_info(path, info)
-    if device is not None:
+    if device is not None and placement is None:
         model.to(device)
     return model.eval()

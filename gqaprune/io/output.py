@@ -77,9 +77,10 @@ def check_output_path(out: Path, force: bool, model_spec: str) -> None:
 
 
 def temp_names(out: Path, pid: int | str) -> list[Path]:
-    """[the folder being built, the AWQ stage's unquantized folder, the replaced output moved aside]."""
+    """[the folder being built, the AWQ stage's unquantized folder, the replaced output moved aside,
+    accelerate's offload folder under runtime.device_map: auto]."""
     return [out.parent / f".{out.name}.gqaprune-tmp-{pid}", out.parent / f".{out.name}.gqaprune-tmp-{pid}-fp",
-            out.parent / f".{out.name}.gqaprune-old-{pid}"]
+            out.parent / f".{out.name}.gqaprune-old-{pid}", out.parent / f".{out.name}.gqaprune-tmp-{pid}-offload"]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -101,7 +102,7 @@ def remove_stale_temps(out: Path) -> list[str]:
     for p in sorted(out.parent.iterdir()):
         if not p.name.startswith(prefixes):
             continue
-        pid = p.name.split("-")[-2 if p.name.endswith("-fp") else -1]
+        pid = p.name.split("-")[-2 if p.name.endswith(("-fp", "-offload")) else -1]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
@@ -116,7 +117,7 @@ def atomic_output(out: Path, commit: bool = True):
     sig = _Signals()
     sig.install()
     committed = False
-    tmp, _, trash = temp_names(out, os.getpid())
+    tmp, _, trash, _ = temp_names(out, os.getpid())
     try:
         yield tmp
         if commit:

@@ -1,0 +1,131 @@
+"""``runtime.device_map: auto``: load a model with accelerate's big-model placement and make it prunable.
+
+transformers' ``from_pretrained(device_map="auto", max_memory=..., offload_folder=...)`` asks accelerate for a
+device per module (filling the GPUs in order within ``max_memory``, then the CPU, then disk) and attaches hooks
+that move each module's inputs to its device. A module accelerate *offloads* (placed on "disk", or on "cpu"
+while the run computes on a GPU) keeps no weights: its parameters sit on the meta device and its hook reads
+them from a weights map for each forward pass and drops them afterwards. Forward passes work on such a model,
+but the pruning passes do not: surgery and least-squares repair read and replace ``Linear.weight``, Taylor
+reads ``param.grad`` (which would land on the hook's temporary copy), and saving reads the state dict.
+
+So ``materialise`` reads every offloaded weight into RAM once, after loading, removes the hooks and places the
+model again with those modules computed on the CPU (modules accelerate put on a GPU stay there). What spreading
+buys is therefore several GPUs for one in-memory run (Taylor's backward included); cpu/disk placement only lets
+the load stage a model through disk, and the pruning then needs its offloaded part in RAM.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from torch import nn
+
+from gqaprune.errors import InputError
+from gqaprune.runtime import log
+
+OFFLOADED = ("cpu", "disk")  # device-map values whose weights may sit behind accelerate hooks
+
+
+@contextmanager
+def offload_folder(runtime, default: Path):
+    """The folder accelerate may write offloaded weights into, removed on exit: a fresh temporary folder inside
+    ``runtime.offload_folder`` when the recipe names one, else ``default`` (beside the output; created here)."""
+    if runtime.offload_folder is not None:
+        parent = Path(runtime.offload_folder)
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix="gqaprune-offload-", dir=parent))
+        except OSError as e:
+            raise InputError(f"runtime.offload_folder: cannot create a folder in '{parent}' "
+                             f"({e.strerror or e})") from None
+    else:
+        folder = default
+        folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def placement_kwargs(runtime, folder: Path) -> dict:
+    """The ``from_pretrained`` arguments for the recipe's runtime block (transformers 5 names)."""
+    return {"device_map": runtime.device_map, "max_memory": dict(runtime.max_memory or {}) or None,
+            "offload_folder": str(folder)}
+
+
+def load_placed(path, dtype, runtime, default_folder: Path) -> tuple[nn.Module, dict]:
+    """(the model from ``path`` placed by accelerate within ``runtime.max_memory`` and materialised for pruning,
+    the device map accelerate chose at load: {module path: GPU index | "cpu" | "disk"}). The offload folder
+    lives only while loading: once materialised, no module reads from it."""
+    from gqaprune.io.checkpoint import load_pretrained  # looked up at call time (tests replace it)
+
+    with offload_folder(runtime, default_folder) as folder:
+        model = load_pretrained(path, dtype=dtype, placement=placement_kwargs(runtime, folder))
+        load_map = dict(getattr(model, "hf_device_map", None) or {"": "cpu"})  # none: all on one device
+        _log_placement(load_map)
+        materialise(model, load_map)
+    return model, load_map
+
+
+def _log_placement(load_map: dict) -> None:
+    counts = {str(d): sum(1 for v in load_map.values() if v == d) for d in dict.fromkeys(load_map.values())}
+    log("device_map: " + ", ".join(f"{n} module(s) on {d}" for d, n in counts.items()))
+
+
+def offloaded_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters accelerate keeps outside their modules (on the meta device in the module)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "meta")
+
+
+def _check_ram(need: int) -> None:
+    import psutil
+
+    free = int(psutil.virtual_memory().available)
+    if need > free:
+        raise InputError(f"runtime.device_map: {need / 2**30:.2f} GiB of weights were placed on cpu/disk, but the "
+                         f"pruning stages need them in RAM ({free / 2**30:.2f} GiB available); raise the GPUs' "
+                         "runtime.max_memory or use calibration.pipeline: layerwise")
+
+
+def materialise(model: nn.Module, load_map: dict) -> None:
+    """Give every offloaded module its weights in RAM, then place the model again without offloading: modules
+    on a GPU stay there, modules on cpu or disk are computed on the CPU. Without offloaded modules it does
+    nothing (the hooks of a model spread over GPUs hold no weights)."""
+    from accelerate import dispatch_model
+    from accelerate.hooks import AlignDevicesHook, SequentialHook, remove_hook_from_submodules
+    from accelerate.utils import find_tied_parameters, named_module_tensors, retie_parameters, set_module_tensor_to_device
+
+    need = offloaded_bytes(model)
+    if need == 0:
+        return
+    _check_ram(need)
+    tied = find_tied_parameters(model)  # per-module loading below would untie them
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in hook.hooks if isinstance(hook, SequentialHook) else [hook]:
+            if not (isinstance(h, AlignDevicesHook) and h.offload):
+                continue
+            # the same tensors the hook's pre_forward would load (a fresh copy: safetensors or memmap read)
+            for name, _ in named_module_tensors(module, include_buffers=h.offload_buffers,
+                                                recurse=h.place_submodules, remove_non_persistent=True):
+                set_module_tensor_to_device(module, name, "cpu", value=h.weights_map[name])
+    remove_hook_from_submodules(model)
+    retie_parameters(model, tied)
+    still = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    assert not still, f"parameters left on the meta device after materialising: {still[:5]}"
+    placed = {name: "cpu" if device in OFFLOADED else device for name, device in load_map.items()}
+    if set(placed.values()) == {"cpu"}:  # one device: a plain CPU model, no hooks at all
+        del model.hf_device_map
+        return
+    # main_device cpu: accelerate then offloads nothing (only "disk" entries, of which there are none left)
+    dispatch_model(model, device_map=placed, main_device="cpu")
+
+
+def placement_info(load_map: dict) -> dict:
+    """The report's ``runtime.device_map`` entry: where accelerate placed each module at load."""
+    return {name or "(model)": (device if isinstance(device, str) else f"cuda:{device}")
+            for name, device in load_map.items()}
+

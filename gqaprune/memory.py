@@ -186,9 +186,11 @@ def run_dtype_bytes(recipe) -> int:
 
 def memory_lines(recipe, config, adapter, plans) -> tuple[list[str], str | None]:
     """(the plan's memory section, a warning when the chosen pipeline will not fit the device, or None)."""
+    from gqaprune.io.placement import placement_budget
+
     b = run_dtype_bytes(recipe)
     est = estimate(recipe, config, adapter, plans, b)
-    what, avail = device_memory()
+    what, avail = placement_budget(recipe.runtime) if recipe.runtime.device_map else device_memory()
     chosen = recipe.calibration.pipeline
     lines = [f"peak memory (estimated from shapes, run dtype {b} B/weight; {what} {gib(avail)}):"]
     for mode in ("in_memory", "layerwise"):

@@ -152,3 +152,24 @@ def test_accepted_placements():
     rt = parse_recipe(BASE + "runtime: {device_map: auto, max_memory: {0: 70GiB, '1': 70GiB, cpu: 200GiB}}\n").runtime
     assert rt.max_memory == {0: "70GiB", 1: "70GiB", "cpu": "200GiB"}  # YAML '1' is GPU 1, as accelerate wants
     assert parse_recipe(BASE).runtime.device_map is None
+
+
+def test_plan_compares_with_the_spread_budget():
+    """plan/validate measure a device_map run against the GPUs max_memory names plus RAM (where cpu/disk
+    modules end up), not against one device."""
+    import psutil
+
+    from gqaprune.io.placement import placement_budget
+
+    ram = psutil.virtual_memory().total
+    two = Runtime(device_map="auto", max_memory={0: "1GiB", 1: 2 * 2**30, "cpu": "24MB", "disk": "100GB"})
+    assert placement_budget(two) == ("device_map: auto over 2 GPU(s) and RAM", 3 * 2**30 + ram)
+    assert placement_budget(SPREAD) == ("device_map: auto, RAM", ram)
+
+
+def test_a_gpu_this_machine_lacks_is_a_one_line_error(folder, tmp_path):
+    if torch.cuda.device_count() > 3:
+        pytest.skip("this machine has GPU 3")
+    with pytest.raises(InputError, match=r"runtime.max_memory names GPU 3, but this machine has \d GPU\(s\)"):
+        load_placed(folder, torch.float32, Runtime(device_map="auto", max_memory={3: "1GiB"}), tmp_path / "off")
+    assert not (tmp_path / "off").exists()

@@ -62,12 +62,29 @@ def load_placed(path, dtype, runtime, default_folder: Path) -> tuple[nn.Module, 
     lives only while loading: once materialised, no module reads from it."""
     from gqaprune.io.checkpoint import load_pretrained  # looked up at call time (tests replace it)
 
+    _check_devices(runtime)
     with offload_folder(runtime, default_folder) as folder:
         model = load_pretrained(path, dtype=dtype, placement=placement_kwargs(runtime, folder))
         load_map = dict(getattr(model, "hf_device_map", None) or {"": "cpu"})  # none: all on one device
         _log_placement(load_map)
         materialise(model, load_map)
     return model, load_map
+
+
+def _check_devices(runtime) -> None:
+    """The GPUs max_memory names exist here, and device: cpu is not contradicted (checked where the run runs:
+    validate may run on another machine)."""
+    import torch
+
+    n = torch.cuda.device_count()
+    named = [k for k in (runtime.max_memory or {}) if isinstance(k, int)]
+    for k in named:
+        if k >= n:
+            raise InputError(f"runtime.max_memory names GPU {k}, but this machine has {n} GPU(s); valid devices: "
+                             + ", ".join([str(i) for i in range(n)] + ["cpu", "disk"]))
+    if runtime.device == "cpu" and n and (runtime.max_memory is None or named):
+        raise InputError("runtime.device is cpu, but device_map: auto would place modules on the GPUs; give "
+                         "max_memory with cpu and disk only, or use device: auto")
 
 
 def _log_placement(load_map: dict) -> None:
@@ -129,3 +146,23 @@ def placement_info(load_map: dict) -> dict:
     return {name or "(model)": (device if isinstance(device, str) else f"cuda:{device}")
             for name, device in load_map.items()}
 
+
+
+
+def placement_budget(runtime) -> tuple[str, int]:
+    """(what, bytes) a ``device_map: auto`` run can hold, for ``gqaprune plan`` / ``validate``: the GPUs it may
+    use (those ``max_memory`` names, at that size; every visible GPU, whole, without max_memory) plus this
+    machine's RAM, which holds whatever accelerate placed on cpu or disk once it is materialised (disk is not
+    counted). The estimate compared with it is the whole run's, so for a run spread over several GPUs the
+    comparison is optimistic: activations and Grams sit on the GPU of their layer."""
+    import psutil
+    import torch
+
+    from gqaprune.recipe import memory_size_bytes
+
+    if runtime.max_memory is None:
+        gpus = [int(torch.cuda.get_device_properties(i).total_memory) for i in range(torch.cuda.device_count())]
+    else:
+        gpus = [memory_size_bytes(size) for device, size in runtime.max_memory.items() if isinstance(device, int)]
+    what = f"device_map: auto over {len(gpus)} GPU(s) and RAM" if gpus else "device_map: auto, RAM"
+    return what, sum(gpus) + int(psutil.virtual_memory().total)

@@ -9,16 +9,17 @@ from tqdm.auto import tqdm
 from gqaprune.arch.adapter import decoder_layers, get_module
 
 def layer_hidden_states(model, adapter, ids: torch.Tensor) -> list[torch.Tensor]:
-    """[h_0 .. h_L]: the input of every decoder layer and the output of the last, (B, T, H) each."""
+    """[h_0 .. h_L]: the input of every decoder layer and the output of the last, (B, T, H) each, all on
+    ``ids``'s device (under runtime.device_map the layers may sit on different GPUs)."""
     layers = decoder_layers(model, adapter)
     states: list[torch.Tensor | None] = [None] * (len(layers) + 1)
     handles = []
     for i, layer in enumerate(layers):
         def pre(mod, args, kwargs, i=i):
-            states[i] = (args[0] if args else kwargs["hidden_states"]).detach().float()
+            states[i] = (args[0] if args else kwargs["hidden_states"]).detach().float().to(ids.device)
         def post(mod, args, kwargs, out, i=i):
             if i == len(layers) - 1:
-                states[i + 1] = (out[0] if isinstance(out, tuple) else out).detach().float()
+                states[i + 1] = (out[0] if isinstance(out, tuple) else out).detach().float().to(ids.device)
         handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(layer.register_forward_hook(post, with_kwargs=True))
     try:
@@ -82,7 +83,7 @@ def residual_stats(model, adapter, calib: torch.Tensor, runs: list[tuple[int, in
                 if s == 0:
                     continue
                 x = inputs[s].reshape(-1, inputs[s].shape[-1])  # (tokens, in)
-                d = (hs[e] - hs[s]).reshape(x.shape[0], -1)  # (tokens, hidden): what the run added
+                d = (hs[e] - hs[s]).reshape(x.shape[0], -1).to(x.device)  # (tokens, hidden): what the run added
                 if s not in out:
                     out[s] = [torch.zeros(x.shape[1], x.shape[1], device=x.device),
                               torch.zeros(x.shape[1], d.shape[1], device=x.device), 0.0]

@@ -103,7 +103,8 @@ def test_pruning_through_accelerate_hooks(folder):
     from gqaprune.context import RunContext
     from gqaprune.stages import build_stage
 
-    recipe = parse_recipe(f"model: {MODEL}\ncalibration: {CALIB}\nstages:\n{STAGES}")
+    stages = STAGES.replace("align: 8}", "align: 8, allocation: global}")  # scores compared across layers
+    recipe = parse_recipe(f"model: {MODEL}\ncalibration: {CALIB}\nstages:\n{stages}")
     calib = torch.randint(0, 2048, (8, 32), generator=torch.Generator().manual_seed(0))
     blocks = ["model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head"] + [f"model.layers.{i}" for i in range(4)]
     weights = []
@@ -117,6 +118,8 @@ def test_pruning_through_accelerate_hooks(folder):
         torch.manual_seed(0)
         for st in recipe.stages:
             build_stage(st).apply(ctx)
+        if hooked:  # the blocks kept their hooks through layer_drop and surgery
+            assert all(hasattr(layer, "_hf_hook") for layer in ctx.model.model.layers)
         weights.append((ctx.model.state_dict(), _logits(ctx.model)))
     (plain_sd, plain_logits), (hooked_sd, hooked_logits) = weights
     assert {k: v.shape for k, v in plain_sd.items()} == {k: v.shape for k, v in hooked_sd.items()}

@@ -176,3 +176,16 @@ def test_a_gpu_this_machine_lacks_is_a_one_line_error(folder, tmp_path):
     with pytest.raises(InputError, match=r"runtime.max_memory names GPU 3, but this machine has \d GPU\(s\)"):
         load_placed(folder, torch.float32, Runtime(device_map="auto", max_memory={3: "1GiB"}), tmp_path / "off")
     assert not (tmp_path / "off").exists()
+
+
+def test_disk_weights_that_do_not_fit_in_ram_are_a_one_line_error(folder, tmp_path, monkeypatch):
+    import psutil
+
+    class Tiny:  # 1 MB of RAM left: less than the two layers accelerate put on disk
+        available = 2**20
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny)
+    with pytest.raises(InputError, match=r"runtime.device_map: 0.0\d GiB of weights were placed on disk, but the "
+                                         r"pruning stages need them in RAM \(0.00 GiB available\)"):
+        load_placed(folder, torch.float32, SPREAD, tmp_path / "off")
+    assert not (tmp_path / "off").exists()

@@ -97,12 +97,21 @@ def offloaded_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "meta")
 
 
-def _check_ram(need: int) -> None:
+def _placed_on(param: str, load_map: dict):
+    """The device-map value of the module holding ``param`` (the longest matching module path)."""
+    owner = max((k for k in load_map if k == "" or param == k or param.startswith(k + ".")), key=len)
+    return load_map[owner]
+
+
+def _check_ram(model: nn.Module, load_map: dict) -> None:
+    """The disk-placed weights fit in the RAM left (offloaded "cpu" weights are in RAM already)."""
     import psutil
 
+    need = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+               if p.device.type == "meta" and _placed_on(n, load_map) == "disk")
     free = int(psutil.virtual_memory().available)
     if need > free:
-        raise InputError(f"runtime.device_map: {need / 2**30:.2f} GiB of weights were placed on cpu/disk, but the "
+        raise InputError(f"runtime.device_map: {need / 2**30:.2f} GiB of weights were placed on disk, but the "
                          f"pruning stages need them in RAM ({free / 2**30:.2f} GiB available); raise the GPUs' "
                          "runtime.max_memory or use calibration.pipeline: layerwise")
 
@@ -115,10 +124,9 @@ def materialise(model: nn.Module, load_map: dict) -> None:
     from accelerate.hooks import AlignDevicesHook, SequentialHook, remove_hook_from_submodules
     from accelerate.utils import find_tied_parameters, named_module_tensors, retie_parameters, set_module_tensor_to_device
 
-    need = offloaded_bytes(model)
-    if need == 0:
+    if offloaded_bytes(model) == 0:
         return
-    _check_ram(need)
+    _check_ram(model, load_map)
     tied = find_tied_parameters(model)  # per-module loading below would untie them
     for module in model.modules():
         hook = getattr(module, "_hf_hook", None)

@@ -103,7 +103,9 @@ def test_pruning_through_accelerate_hooks(folder):
     from gqaprune.context import RunContext
     from gqaprune.stages import build_stage
 
-    stages = STAGES.replace("align: 8}", "align: 8, allocation: global}")  # scores compared across layers
+    # global: scores compared across layers; hidden_prune: embeddings, norms and every matrix edited in place
+    stages = (STAGES.replace("align: 8}", "align: 8, allocation: global}")
+              + "  - {type: hidden_prune, prune_ratio: 0.25, align: 8}\n")
     recipe = parse_recipe(f"model: {MODEL}\ncalibration: {CALIB}\nstages:\n{stages}")
     calib = torch.randint(0, 2048, (8, 32), generator=torch.Generator().manual_seed(0))
     blocks = ["model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head"] + [f"model.layers.{i}" for i in range(4)]

@@ -173,7 +173,8 @@ def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cf
                           gates=check_gates(eval_cfg.gates, before, after), params_before=params_before,
                           kv_before=kv_before, output=saved, roundtrip=roundtrip, awq_report=awq_report,
                           save_as=save_as, timings=timings,
-                          runtime=runtime_info(device, dtype, save_dtype, load_map and placement_info(load_map)))
+                          runtime=runtime_info(device, dtype, save_dtype,
+                                               None if load_map is None else placement_info(load_map)))
     write_report_files(report, recipe_text, tmp, t_start)
     return report
 

@@ -34,7 +34,7 @@ from gqaprune.evaluation.checks import check_finite, check_gates, evaluate, perp
 from gqaprune.evaluation.perplexity import perplexity
 from gqaprune.io.data import calibration_windows
 from gqaprune.io.output import atomic_output, check_output_path, remove_stale_temps, temp_names
-from gqaprune.io.placement import load_placed, placement_info
+from gqaprune.io.placement import load_for_run, placement_info
 from gqaprune.io.sources import load_tokenizer, read_config, resolve_model
 from gqaprune.plan import simulate
 from gqaprune.recipe import default_eval, load_recipe
@@ -113,8 +113,6 @@ def prepare_inputs(recipe, config, eval_cfg, progress: bool) -> dict:
 def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cfg, inputs: dict, out: Path, tmp: Path,
                progress, is_main, command, t_start) -> dict:
     """Load, evaluate, run the stages, convert, save and reload, evaluate again, write the report into ``tmp``."""
-    from gqaprune.io.checkpoint import load_pretrained
-
     if recipe.calibration.pipeline == "layerwise":  # one decoder layer in memory at a time
         from gqaprune.execution.run import run_layerwise
 
@@ -126,11 +124,7 @@ def _run_inner(recipe, recipe_text, recipe_path, config, adapter, plans, eval_cf
     device, dtype, save_dtype = pick_runtime(recipe.runtime, source_dtype_of(config))
     seed_everything(recipe.seed)
     log(f"loading {recipe.model} ({config.architectures[0]}, adapter {adapter.name}) on {device} in {dtype}")
-    load_map = None
-    if recipe.runtime.device_map is not None:  # accelerate's placement over the GPUs (and cpu/disk)
-        model, load_map = load_placed(inputs["model_dir"], dtype, recipe.runtime, temp_names(out, os.getpid())[3])
-    else:
-        model = load_pretrained(inputs["model_dir"], dtype=dtype, device=str(device))
+    model, load_map = load_for_run(inputs["model_dir"], dtype, device, recipe.runtime, temp_names(out, os.getpid())[3])
     check_adapter_on_model(model, adapter)
     check_finite(model, calib[:2], f"{recipe.model}", "before any stage")
     timings["load"] = time.perf_counter() - t
@@ -223,7 +217,7 @@ def _save_and_reload(model, adapter, tokenizer, awq_cfg, recipe, tmp: Path, prob
     runtime.device_map, offloading into ``offload_default``) and compare logits on ``probe``.
     Returns (reloaded model, {"kind", "loader", "params_after", "per_layer", "hidden_size"}, report["roundtrip"],
     report["awq"])."""
-    from gqaprune.io.checkpoint import load_pretrained, save_model  # looked up at call time (tests replace them)
+    from gqaprune.io.checkpoint import save_model  # looked up at call time (tests replace it)
 
     tmp.mkdir(parents=True)  # (creates the output's parent folders too)
     model.eval()
@@ -232,10 +226,7 @@ def _save_and_reload(model, adapter, tokenizer, awq_cfg, recipe, tmp: Path, prob
         ref_logits = model(input_ids=probe.to(device), use_cache=False).logits.float().cpu()
     if awq_cfg is None:
         info = save_model(model, adapter, tmp, tokenizer=tokenizer, dtype=save_dtype)
-        if recipe.runtime.device_map is not None:
-            reloaded, _ = load_placed(tmp, save_dtype, recipe.runtime, offload_default)
-        else:
-            reloaded = load_pretrained(tmp, dtype=save_dtype, device=str(device))
+        reloaded, _ = load_for_run(tmp, save_dtype, device, recipe.runtime, offload_default)
         saved = {"kind": "uniform" if info["uniform"] else "per_layer", "loader": info["loader"],
                  "params_after": count_params(reloaded), "per_layer": model_shapes(reloaded, adapter)}
         awq_report = None

@@ -71,6 +71,16 @@ def load_placed(path, dtype, runtime, default_folder: Path) -> tuple[nn.Module, 
     return model, load_map
 
 
+def load_for_run(path, dtype, device, runtime, default_folder: Path) -> tuple[nn.Module, dict | None]:
+    """The model from ``path`` as the run places it: on ``device``, or spread by accelerate under
+    runtime.device_map (then also the device map chosen at load; None otherwise)."""
+    if runtime.device_map is None:
+        from gqaprune.io.checkpoint import load_pretrained  # looked up at call time (tests replace it)
+
+        return load_pretrained(path, dtype=dtype, device=str(device)), None
+    return load_placed(path, dtype, runtime, default_folder)
+
+
 def _check_devices(runtime) -> None:
     """The GPUs max_memory names exist here, and device: cpu is not contradicted (checked where the run runs:
     validate may run on another machine)."""

@@ -682,7 +682,37 @@ def _load(folder: Path, dtype: torch.dtype, build_model: Callable[[Any], nn.Modu
     cfg = _read_config(folder)
     qc = _read_quant_config(cfg, folder)
     arch = _architecture_of(cfg, folder)
+    model = _build_model(folder, cfg, arch, dtype, build_model)
 
+    tensors, sizes = _read_tensors(folder)
+    group_size, bits = qc["group_size"], qc["bits"]
+    new_sd, used = _dequantized_linears(model, tensors, bits, group_size, dtype)
+    num_q = sum(k.endswith(".qweight") for k in used)
+    if num_q == 0:
+        raise CheckFailed(f"'{folder}' holds no qweight tensors matching the modules of {arch}")
+    _add_stored_tensors(model, tensors, new_sd, used, arch)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise CheckFailed(f"unexpected tensors in '{folder}' that no module of {arch} takes: {', '.join(extra[:5])}{more}")
+    model.load_state_dict(new_sd, strict=True)
+    info = {
+        "architecture": arch,
+        "num_qlinears": num_q,
+        "w_bit": bits,
+        "group_size": group_size,
+        "codes_ok": True,
+        "safetensors_bytes": sum(sizes.values()),
+        "files_bytes": sizes,
+    }
+    return model, info
+
+
+def _build_model(folder: Path, cfg: dict, arch: str, dtype: torch.dtype,
+                 build_model: Callable[[Any], nn.Module] | None) -> nn.Module:
+    """The unquantized model ``config.json`` (minus ``quantization_config``) describes, randomly initialised,
+    in ``dtype`` and eval mode: ``build_model(config)``, or the transformers class ``arch`` (its per-layer
+    version for a gqaprune per-layer-shaped folder)."""
     import transformers
     from transformers import AutoConfig
 
@@ -703,13 +733,16 @@ def _load(folder: Path, dtype: torch.dtype, build_model: Callable[[Any], nn.Modu
 
             cls = per_layer_class(cls)
         model = cls(config)
-    model = model.to(dtype).eval()
+    return model.to(dtype).eval()
 
-    tensors, sizes = _read_tensors(folder)
-    group_size, bits = qc["group_size"], qc["bits"]
+
+def _dequantized_linears(model: nn.Module, tensors: dict[str, torch.Tensor], bits: int, group_size: int,
+                         dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """(state-dict entries, tensor names used) of every nn.Linear of ``model`` that has a ``qweight`` on disk:
+    its weight unpacked and dequantized from qweight/qzeros/scales, checked against the module's shape and
+    for finite values, and its bias as stored."""
     new_sd: dict[str, torch.Tensor] = {}
     used: set[str] = set()
-    num_q = 0
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or f"{name}.qweight" not in tensors:
             continue
@@ -727,24 +760,26 @@ def _load(folder: Path, dtype: torch.dtype, build_model: Callable[[Any], nn.Modu
             raise CheckFailed(f"{name}.qweight: dequantized weight has NaN or inf values")
         new_sd[f"{name}.weight"] = w.to(dtype)
         used.update({f"{name}.qweight", f"{name}.qzeros", f"{name}.scales"})
-        num_q += 1
         if mod.bias is not None:
             b = tensors.get(f"{name}.bias")
             if b is None:
                 raise CheckFailed(f"missing tensor {name}.bias")
             new_sd[f"{name}.bias"] = b
             used.add(f"{name}.bias")
-    if num_q == 0:
-        raise CheckFailed(f"'{folder}' holds no qweight tensors matching the modules of {arch}")
+    return new_sd, used
 
+
+def _add_stored_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], new_sd: dict[str, torch.Tensor],
+                        used: set[str], arch: str) -> None:
+    """Every other state-dict entry of ``model`` (embeddings, norms, lm_head) as stored, into ``new_sd``
+    (names taken go into ``used``); checked for shape and finite values."""
     # Parameters that share storage (tied embeddings) are saved once.
     alias: dict[int, list[str]] = {}
     for key, p in model.named_parameters(remove_duplicate=False):
         alias.setdefault(id(p), []).append(key)
     alias_of = {k: ks for ks in alias.values() for k in ks}
 
-    sd = model.state_dict()
-    for key, ref in sd.items():
+    for key, ref in model.state_dict().items():
         if key in new_sd:
             continue
         if key in tensors:
@@ -760,21 +795,6 @@ def _load(folder: Path, dtype: torch.dtype, build_model: Callable[[Any], nn.Modu
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckFailed(f"{key}: has NaN or inf values")
         new_sd[key] = t.to(ref.dtype)
-    extra = sorted(set(tensors) - used)
-    if extra:
-        more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
-        raise CheckFailed(f"unexpected tensors in '{folder}' that no module of {arch} takes: {', '.join(extra[:5])}{more}")
-    model.load_state_dict(new_sd, strict=True)
-    info = {
-        "architecture": arch,
-        "num_qlinears": num_q,
-        "w_bit": bits,
-        "group_size": group_size,
-        "codes_ok": True,
-        "safetensors_bytes": sum(sizes.values()),
-        "files_bytes": sizes,
-    }
-    return model, info
 
 
 def load_dequantized(folder: Path, dtype: torch.dtype = torch.float32, build_model: Callable[[Any], nn.Module] | None = None):

@@ -228,6 +228,22 @@ def _row_order(key: str, scores: list[str]) -> tuple:
             _ALLOCATIONS.index(rest[0]) if rest else 0, rest[1:] if rest else [])
 
 
+def _ppl(v):
+    return v if isinstance(v, str) else round(v, 2)
+
+
+def _score_rows(results: dict, models: list[str], kind: str, bud: str, scores: list[str]) -> list[list]:
+    """One table row per (score, reconstruct, allocation, calibration) run of budget ``bud`` in
+    ``results[model][kind]`` ("heads" or "neurons"), a perplexity column per model."""
+    rows = []
+    keys = [k for k in results[models[0]][kind] if k.startswith(bud + "|")]
+    for k in sorted(keys, key=lambda k: _row_order(k, scores)):
+        _, score, rec, alloc, mode = k.split("|")
+        rows.append([score, rec, alloc, "sequential" if mode == "seq" else "independent"]
+                    + [_ppl(results[m][kind].get(k, "n/a")) for m in models])
+    return rows
+
+
 def render(results: dict) -> str:
     models = list(results)
     short = [m.removeprefix("builtin:") for m in models]
@@ -237,39 +253,26 @@ def render(results: dict) -> str:
            f"evaluation on the whole validation split; minutes per model on this machine: {minutes}.", "",
            "Dense: " + ", ".join(f"{s} {results[m]['dense']:.2f}" for s, m in zip(short, models)), ""]
 
-    def ppl(v):
-        return v if isinstance(v, str) else round(v, 2)
-
     for bud, spec in HEAD_BUDGETS.items():
         out += [f"### Heads {bud}: {spec['unit']}, prune_ratio {spec['prune_ratio']}", ""]
-        rows = []
-        keys = [k for k in results[models[0]]["heads"] if k.startswith(bud + "|")]
-        for k in sorted(keys, key=lambda k: _row_order(k, HEAD_SCORES)):
-            _, score, rec, alloc, mode = k.split("|")
-            rows.append([score, rec, alloc, "sequential" if mode == "seq" else "independent"]
-                        + [ppl(results[m]["heads"].get(k, "n/a")) for m in models])
+        rows = _score_rows(results, models, "heads", bud, HEAD_SCORES)
         tp_rows = {"Q25": "Q25", "Q50": "Q50", "G50": "Q50"}
         for imp in ("magnitude", "taylor"):
             tk = f"{tp_rows[bud]}|{imp}"
             label = f"Torch-Pruning {imp}" + ("" if bud != "G50" else " at Q50 (its maximum: it never removes KV "
                                                                       "heads; fewer parameters removed than G50)")
-            rows.append([label, "-", "uniform", "-"] + [ppl(results[m]["tp"].get(tk, "n/a")) for m in models])
+            rows.append([label, "-", "uniform", "-"] + [_ppl(results[m]["tp"].get(tk, "n/a")) for m in models])
         if bud == "G50":
             rows.append(["best of all uniform group choices (upper bound, picked on the evaluation text)", "none",
-                         "uniform", "-"] + [f"{ppl(results[m]['oracle']['G50']['perplexity'])} (kept "
+                         "uniform", "-"] + [f"{_ppl(results[m]['oracle']['G50']['perplexity'])} (kept "
                                             f"{results[m]['oracle']['G50']['kept_group_per_layer']})" for m in models])
         out += [table(["score", "reconstruct", "allocation", "calibration"] + short, rows), ""]
     for bud, ratio in NEURON_BUDGETS.items():
         out += [f"### MLP channels {bud}: prune_ratio {ratio}, align 64", ""]
-        rows = []
-        keys = [k for k in results[models[0]]["neurons"] if k.startswith(bud + "|")]
-        for k in sorted(keys, key=lambda k: _row_order(k, NEURON_SCORES)):
-            _, score, rec, alloc, mode = k.split("|")
-            rows.append([score, rec, alloc, "sequential" if mode == "seq" else "independent"]
-                        + [ppl(results[m]["neurons"].get(k, "n/a")) for m in models])
+        rows = _score_rows(results, models, "neurons", bud, NEURON_SCORES)
         for imp in ("magnitude", "taylor"):
             rows.append([f"Torch-Pruning {imp}", "-", "uniform", "-"]
-                        + [ppl(results[m]["tp"].get(f"{bud}|{imp}", "n/a")) for m in models])
+                        + [_ppl(results[m]["tp"].get(f"{bud}|{imp}", "n/a")) for m in models])
         out += [table(["score", "reconstruct", "allocation", "calibration"] + short, rows), ""]
     for bud, n in LAYER_BUDGETS.items():
         out += [f"### Layer drop {bud}: {n} of 4 layers (protect_first 1, protect_last {1 if n == 1 else 0})", ""]
@@ -277,7 +280,7 @@ def render(results: dict) -> str:
         keys = [k for k in results[models[0]].get("layers", {}) if k.startswith(bud + "|")]
         for k in sorted(keys, key=lambda k: _row_order(k, _LAYER_SCORES)):
             _, score, rec = k.split("|")
-            rows.append([score, rec] + [f"{ppl(results[m]['layers'][k]['perplexity'])} (dropped "
+            rows.append([score, rec] + [f"{_ppl(results[m]['layers'][k]['perplexity'])} (dropped "
                                         f"{results[m]['layers'][k]['dropped']})" for m in models])
         out += [table(["score", "reconstruct"] + short, rows), ""]
     return "\n".join(out)

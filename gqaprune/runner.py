@@ -184,12 +184,12 @@ def _evaluate_timed(model, tokenizer, eval_cfg, eval_tokens, progress, label: st
 
 def _run_stages(ctx: RunContext, eval_cfg, kv_bytes: int) -> tuple[list[dict], object]:
     """Every stage but awq (an output stage, applied when saving) in order: (report entries, awq config or None)."""
-    if any(s.type == "recover" and s.method == "distill" for s in ctx.recipe.stages):
+    stages = [build_stage(st) for st in ctx.recipe.stages]
+    if any(stage.needs_teacher() for stage in stages):
         ctx.teacher = copy.deepcopy(ctx.model).eval().requires_grad_(False)  # the model before any pruning
     stage_reports = []
     awq_cfg = None
-    for si, st in enumerate(ctx.recipe.stages):
-        stage = build_stage(st)
+    for si, (st, stage) in enumerate(zip(ctx.recipe.stages, stages)):
         if stage.writes_output:  # awq: quantizes the saved model when the output is written
             awq_cfg = st
             continue

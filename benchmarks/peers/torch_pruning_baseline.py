@@ -248,6 +248,54 @@ def tp_prune_attention(model, calib: torch.Tensor, head_ratio: float, importance
     layers = _decoder_layers(model)
     n_q, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     gqa = n_kv != n_q
+    fused = _refuse_what_tp_cannot_prune(layers, n_q, n_kv, head_ratio)
+
+    t0 = time.perf_counter()
+    with _eager_no_cache(model):
+        num_heads: dict[nn.Module, int] = {}
+        ignored: list[nn.Module] = [_lm_head(model)]
+        for layer in layers:
+            a = layer.self_attn
+            if fused:
+                num_heads[a.qkv_proj] = n_q  # as the example
+            else:
+                num_heads[a.q_proj] = n_q
+                num_heads[a.k_proj] = n_kv
+                num_heads[a.v_proj] = n_kv
+            ignored.extend(_mlp_linears(layer.mlp))  # freezes MLP and hidden-size groups
+        # pruning_ratio must be > 0 for the attention groups to be visited at all; with prune_head_dims=False
+        # it only gates head removal (no head-dim channels are cut); the other groups are ignored.
+        _run_pruner(model, calib, importance, ignored, pruning_ratio=head_ratio, num_heads=num_heads,
+                    out_channel_groups={}, head_pruning_ratio=head_ratio, round_to=None)
+
+        heads, kv_heads = _fix_attention_modules(model, layers, fused)
+        if len(set(heads)) != 1 or len(set(kv_heads)) != 1:
+            # Phi-3 reads config.num_attention_heads at forward time; local pruning keeps counts uniform
+            raise RuntimeError(f"non-uniform head counts after pruning: {heads} / {kv_heads}")
+        cfg.num_attention_heads = heads[0]
+        cfg.num_key_value_heads = kv_heads[0]
+        if getattr(cfg, "head_dim", None) is None:
+            cfg.head_dim = _head_dim(model, layers[0].self_attn)
+        _check_finite(model, calib)
+    seconds = time.perf_counter() - t0
+    removed = n_q - heads[0]
+    if removed != tp_query_heads_removed(n_q, n_kv, head_ratio):
+        raise RuntimeError(f"Torch-Pruning removed {removed} heads, expected "
+                           f"{tp_query_heads_removed(n_q, n_kv, head_ratio)}")
+    if gqa:
+        how = (f"GQA: query heads only, removed {removed}/{n_q} per layer "
+               f"(ceil(ceil({head_ratio}*{n_q})/{n_kv}) per KV group), KV heads kept")
+    else:
+        how = f"MHA: removed {removed}/{n_q} heads per layer (q, k, v together)"
+    note = f"Torch-Pruning {TP_VERSION} MetaPruner ({importance}, local); {how}"
+    return {"heads_per_layer": heads, "kv_heads_per_layer": kv_heads, "params": _n_params(model),
+            "seconds": seconds, "note": note}
+
+
+def _refuse_what_tp_cannot_prune(layers, n_q: int, n_kv: int, head_ratio: float) -> bool:
+    """Raise where TP 1.6.1 cannot remove ``head_ratio`` of the heads (each case measured, see below);
+    else return whether the layers' attention is a fused qkv_proj."""
+    gqa = n_kv != n_q
     kinds = {_attn_kind(l.self_attn) for l in layers}
     if len(kinds) != 1:
         raise NotImplementedError("mixed attention layouts")
@@ -279,69 +327,36 @@ def tp_prune_attention(model, calib: torch.Tensor, head_ratio: float, importance
             "Torch-Pruning 1.6.1 hangs building the q/k/v pruning groups of Phi-style attention (partial-rotary "
             "slice + cat of q/k); head pruning is not possible"
         )
+    return fused
 
-    t0 = time.perf_counter()
-    with _eager_no_cache(model):
-        num_heads: dict[nn.Module, int] = {}
-        ignored: list[nn.Module] = [_lm_head(model)]
-        for layer in layers:
-            a = layer.self_attn
-            if fused:
-                num_heads[a.qkv_proj] = n_q  # as the example
-            else:
-                num_heads[a.q_proj] = n_q
-                num_heads[a.k_proj] = n_kv
-                num_heads[a.v_proj] = n_kv
-            ignored.extend(_mlp_linears(layer.mlp))  # freezes MLP and hidden-size groups
-        # pruning_ratio must be > 0 for the attention groups to be visited at all; with prune_head_dims=False
-        # it only gates head removal (no head-dim channels are cut); the other groups are ignored.
-        _run_pruner(model, calib, importance, ignored, pruning_ratio=head_ratio, num_heads=num_heads,
-                    out_channel_groups={}, head_pruning_ratio=head_ratio, round_to=None)
 
-        # post-pruning fix-up (as the example, per module: HF reads these at forward time)
-        heads, kv_heads = [], []
-        for layer in layers:
-            a = layer.self_attn
-            hd = _head_dim(model, a)
-            o_in = _out_proj(a).in_features
-            nh = o_in // hd
-            if fused:
-                nkv = nh
-                ok = nh * hd == o_in and a.qkv_proj.out_features == 3 * nh * hd
-            else:
-                nkv = a.k_proj.out_features // hd
-                ok = (nh * hd == o_in == a.q_proj.out_features and nkv * hd == a.k_proj.out_features
-                      == a.v_proj.out_features)
-            if not ok:
-                raise RuntimeError("Torch-Pruning left projections that do not split into whole heads")
-            if nh % nkv:
-                raise RuntimeError(f"Torch-Pruning left {nh} query heads for {nkv} KV heads (not a multiple)")
-            a.num_key_value_groups = nh // nkv
-            for attr, val in (("num_heads", nh), ("num_key_value_heads", nkv), ("hidden_size", nh * hd)):
-                setattr(a, attr, val)  # harmless where HF does not read them; Phi-3 reads num_key_value_heads
-            heads.append(nh)
-            kv_heads.append(nkv)
-        if len(set(heads)) != 1 or len(set(kv_heads)) != 1:
-            # Phi-3 reads config.num_attention_heads at forward time; local pruning keeps counts uniform
-            raise RuntimeError(f"non-uniform head counts after pruning: {heads} / {kv_heads}")
-        cfg.num_attention_heads = heads[0]
-        cfg.num_key_value_heads = kv_heads[0]
-        if getattr(cfg, "head_dim", None) is None:
-            cfg.head_dim = _head_dim(model, layers[0].self_attn)
-        _check_finite(model, calib)
-    seconds = time.perf_counter() - t0
-    removed = n_q - heads[0]
-    if removed != tp_query_heads_removed(n_q, n_kv, head_ratio):
-        raise RuntimeError(f"Torch-Pruning removed {removed} heads, expected "
-                           f"{tp_query_heads_removed(n_q, n_kv, head_ratio)}")
-    if gqa:
-        how = (f"GQA: query heads only, removed {removed}/{n_q} per layer "
-               f"(ceil(ceil({head_ratio}*{n_q})/{n_kv}) per KV group), KV heads kept")
-    else:
-        how = f"MHA: removed {removed}/{n_q} heads per layer (q, k, v together)"
-    note = f"Torch-Pruning {TP_VERSION} MetaPruner ({importance}, local); {how}"
-    return {"heads_per_layer": heads, "kv_heads_per_layer": kv_heads, "params": _n_params(model),
-            "seconds": seconds, "note": note}
+def _fix_attention_modules(model, layers, fused: bool) -> tuple[list[int], list[int]]:
+    """The example's post-pruning fix-up, per module (HF reads these attributes at forward time): each
+    layer's head counts from its pruned projections, checked to split into whole heads. Returns
+    (query heads, KV heads) per layer."""
+    heads, kv_heads = [], []
+    for layer in layers:
+        a = layer.self_attn
+        hd = _head_dim(model, a)
+        o_in = _out_proj(a).in_features
+        nh = o_in // hd
+        if fused:
+            nkv = nh
+            ok = nh * hd == o_in and a.qkv_proj.out_features == 3 * nh * hd
+        else:
+            nkv = a.k_proj.out_features // hd
+            ok = (nh * hd == o_in == a.q_proj.out_features and nkv * hd == a.k_proj.out_features
+                  == a.v_proj.out_features)
+        if not ok:
+            raise RuntimeError("Torch-Pruning left projections that do not split into whole heads")
+        if nh % nkv:
+            raise RuntimeError(f"Torch-Pruning left {nh} query heads for {nkv} KV heads (not a multiple)")
+        a.num_key_value_groups = nh // nkv
+        for attr, val in (("num_heads", nh), ("num_key_value_heads", nkv), ("hidden_size", nh * hd)):
+            setattr(a, attr, val)  # harmless where HF does not read them; Phi-3 reads num_key_value_heads
+        heads.append(nh)
+        kv_heads.append(nkv)
+    return heads, kv_heads
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -474,43 +474,22 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def quantize_folder(
-    src: Path,
-    dst: Path,
-    calib_texts: list[str],
-    w_bit: int = 4,
-    group_size: int = 128,
-    zero_point: bool = True,
-    max_calib_seq_len: int = 256,
-    n_samples: int = 32,
-    *,
-    n_parallel_calib_samples: int = 8,
-    seed: int = 0,
-    save_dtype: torch.dtype | None = torch.float16,
-    architecture: str | None = None,
-    adapter: Adapter | None = None,
-    model_loader: Callable[[Path], nn.Module] | None = None,
-    trust_remote_code: bool = False,
-    progress: bool = False,
-) -> dict:
+def quantize_folder(src: Path, dst: Path, calib_texts: list[str], w_bit: int = 4, group_size: int = 128,
+                    zero_point: bool = True, max_calib_seq_len: int = 256, n_samples: int = 32, *,
+                    n_parallel_calib_samples: int = 8, seed: int = 0, save_dtype: torch.dtype | None = torch.float16,
+                    architecture: str | None = None, adapter: Adapter | None = None,
+                    model_loader: Callable[[Path], nn.Module] | None = None, trust_remote_code: bool = False,
+                    progress: bool = False) -> dict:
     """Quantize the HF folder ``src`` (model + tokenizer) with AutoAWQ into ``dst``.
 
-    AWQ GEMM, ``w_bit`` 4, zero point, ``group_size`` in (32, 64, 128). Calibration:
-    ``calib_texts`` are tokenized, joined (EOS between texts) and cut into the first
-    ``n_samples`` windows of ``max_calib_seq_len`` tokens (fewer if the text runs out).
-    The quantizer is AutoAWQ's with its CPU aliasing bug fixed (:func:`_quantizer_cls`).
-    Calibration runs in float32 on CPU (float16 on CUDA); ``save_dtype`` (default
-    float16, what AWQ kernels run in; ``None`` keeps the calibration dtype) is the dtype
-    of the unquantized tensors (embeddings, norms, lm_head) on disk. ``dst`` gets
-    AutoAWQ's own ``save_quantized`` output plus the tokenizer files (and any ``*.py``
-    remote code of ``src``); it is written to a temporary sibling and renamed, so a
-    failure never leaves a half-written ``dst``. ``dst`` must not exist or be empty.
-
-    Loading: ``model_loader(src)`` if given; a per-layer-shaped gqaprune folder
-    (``gqaprune_layers`` in config.json) with ``gqaprune.checkpoint.load_pretrained``;
-    else stock ``AutoModelForCausalLM.from_pretrained``. ``adapter`` (default: the builtin adapter of
-    ``architecture``, itself defaulting to ``config.architectures[0]``) gives the AutoAWQ model type
-    and where the decoder layers are.
+    AWQ GEMM, ``w_bit`` 4, zero point, ``group_size`` in (32, 64, 128), calibrated on the first
+    ``n_samples`` windows of ``max_calib_seq_len`` tokens of ``calib_texts`` (:func:`_calibration_windows`),
+    with AutoAWQ's quantizer with its CPU aliasing bug fixed (:func:`_quantizer_cls`). The model is loaded
+    as :func:`_load_for_calibration` says; ``adapter`` (default: the builtin adapter of ``architecture``,
+    itself defaulting to ``config.architectures[0]``) gives the AutoAWQ model type and where the decoder
+    layers are. ``save_dtype`` (default float16, what AWQ kernels run in; ``None`` keeps the calibration
+    dtype) is the dtype of the unquantized tensors (embeddings, norms, lm_head) on disk. ``dst`` (absent or
+    empty) gets what :func:`_write_awq_folder` writes, whole or not at all.
 
     Deterministic: same inputs give byte-identical safetensors (torch is seeded with
     ``seed``; AutoAWQ's search itself has no randomness).
@@ -522,6 +501,45 @@ def quantize_folder(
     """
     t_total = time.perf_counter()
     src, dst = Path(src), Path(dst)
+    _check_quantize_arguments(w_bit, group_size, zero_point, max_calib_seq_len, n_samples, n_parallel_calib_samples)
+    cfg, arch, adapter = _unquantized_source(src, architecture, adapter)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise InputError(f"AWQ output '{dst}' already exists and is not empty")
+
+    _, _, WQLinear_GEMM = _import_awq()
+    tokenizer = _load_tokenizer(src)
+    torch.manual_seed(seed)
+    model = _load_for_calibration(src, cfg, model_loader, trust_remote_code, progress)
+    problems = _module_width_problems(model.get_submodule(adapter.model.layers), group_size)
+    if problems:
+        raise InputError("AutoAWQ cannot quantize this model's shapes:\n  - " + "\n  - ".join(problems))
+    windows, n_tokens = _calibration_windows(tokenizer, calib_texts, max_calib_seq_len, n_samples)
+
+    quant_config = {"zero_point": zero_point, "q_group_size": group_size, "w_bit": w_bit, "version": "GEMM"}
+    wrapper, seconds, cpu_seconds = _quantize_in_place(model, adapter.awq.model_type, windows, quant_config,
+                                                       n_parallel_calib_samples, progress)
+    num_q = sum(isinstance(m, WQLinear_GEMM) for m in model.modules())
+    if num_q == 0:
+        raise CheckFailed("AutoAWQ quantized no Linear layers")
+    if save_dtype is not None:
+        model.to(save_dtype)  # int32 qweight/qzeros are not floating point and stay as they are
+        model.config.dtype = save_dtype
+    _write_awq_folder(wrapper, tokenizer, src, dst, progress)
+
+    files = {p.name: p.stat().st_size for p in _safetensors_files(dst)}
+    from importlib.metadata import version as _v
+
+    return {"architecture": arch, "awq_model_type": adapter.awq.model_type, "w_bit": w_bit, "group_size": group_size,
+            "zero_point": zero_point, "version": "gemm", "calib_windows": len(windows),
+            "calib_seq_len": max_calib_seq_len, "calib_tokens_available": n_tokens, "num_qlinears": num_q,
+            "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3),
+            "seconds_total": round(time.perf_counter() - t_total, 3), "safetensors_bytes": sum(files.values()),
+            "files_bytes": files, "autoawq_version": _v("autoawq")}
+
+
+def _check_quantize_arguments(w_bit: int, group_size: int, zero_point: bool, max_calib_seq_len: int,
+                              n_samples: int, n_parallel_calib_samples: int) -> None:
+    """The settings AutoAWQ's GEMM format can hold, checked before anything is read."""
     _check_w_bit(w_bit)
     if not zero_point:
         raise InputError("zero_point: false is not supported: AutoAWQ's GEMM format stores zero points (qzeros)")
@@ -529,6 +547,11 @@ def quantize_folder(
         raise InputError(f"group_size {group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
     if max_calib_seq_len < 1 or n_samples < 1 or n_parallel_calib_samples < 1:
         raise InputError("max_calib_seq_len, n_samples and n_parallel_calib_samples must be positive")
+
+
+def _unquantized_source(src: Path, architecture: str | None, adapter: Adapter | None) -> tuple[dict, str, Adapter]:
+    """(config.json of ``src``, its architecture, the adapter), refusing a folder that is already quantized
+    and a family AutoAWQ cannot quantize."""
     cfg = _read_config(src)
     if "quantization_config" in cfg:
         qm = (cfg["quantization_config"] or {}).get("quant_method", "?")
@@ -538,26 +561,31 @@ def quantize_folder(
     problem = unsupported_problem(adapter)
     if problem:
         raise InputError(problem)
-    model_type = adapter.awq.model_type
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise InputError(f"AWQ output '{dst}' already exists and is not empty")
+    return cfg, arch, adapter
 
-    _, _, WQLinear_GEMM = _import_awq()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+def _load_tokenizer(src: Path):
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(src))
+        return AutoTokenizer.from_pretrained(str(src))
     except Exception as e:
         raise InputError(f"'{src}' has no usable tokenizer files (AWQ calibration needs one): {e}") from None
 
-    torch.manual_seed(seed)
+
+def _load_for_calibration(src: Path, cfg: dict, model_loader: Callable[[Path], nn.Module] | None,
+                          trust_remote_code: bool, progress: bool) -> nn.Module:
+    """The model of ``src`` in the calibration dtype (float32 on CPU, float16 on CUDA), in eval mode:
+    ``model_loader(src)`` if given; a per-layer-shaped gqaprune folder (``gqaprune_layers`` in config.json)
+    with ``gqaprune.io.checkpoint.load_pretrained``; else stock ``AutoModelForCausalLM.from_pretrained``."""
+    from transformers import AutoModelForCausalLM
+
     calib_dtype = torch.float16 if torch.cuda.is_available() else torch.float32
-    per_layer = bool(cfg.get("gqaprune_layers"))
     try:
         with _quiet(progress):
             if model_loader is not None:
                 model = model_loader(src)
-            elif per_layer:
+            elif cfg.get("gqaprune_layers"):
                 from gqaprune.io.checkpoint import load_pretrained
 
                 model = load_pretrained(src, dtype=calib_dtype)
@@ -567,33 +595,27 @@ def quantize_folder(
         raise
     except Exception as e:
         raise InputError(f"cannot load the model in '{src}' for AWQ: {e}") from None
-    model = model.to(calib_dtype).eval()
+    return model.to(calib_dtype).eval()
 
-    problems = _module_width_problems(model.get_submodule(adapter.model.layers), group_size)
-    if problems:
-        raise InputError("AutoAWQ cannot quantize this model's shapes:\n  - " + "\n  - ".join(problems))
 
-    windows, n_tokens = _calibration_windows(tokenizer, calib_texts, max_calib_seq_len, n_samples)
-
-    quant_config = {"zero_point": zero_point, "q_group_size": group_size, "w_bit": w_bit, "version": "GEMM"}
+def _quantize_in_place(model, model_type: str, windows: list[list[int]], quant_config: dict, n_parallel: int,
+                       progress: bool):
+    """:func:`_run_awq` with any AutoAWQ failure as one CheckFailed line: (wrapper, wall seconds, CPU seconds)."""
     t0 = time.perf_counter()
     c0 = time.process_time()
     try:
-        wrapper = _run_awq(model, model_type, windows, quant_config, n_parallel_calib_samples, progress)
+        wrapper = _run_awq(model, model_type, windows, quant_config, n_parallel, progress)
     except (InputError, CheckFailed):
         raise
     except Exception as e:
         raise CheckFailed(f"AutoAWQ quantization failed: {type(e).__name__}: {e}") from None
-    seconds = time.perf_counter() - t0
-    cpu_seconds = time.process_time() - c0
+    return wrapper, time.perf_counter() - t0, time.process_time() - c0
 
-    num_q = sum(isinstance(m, WQLinear_GEMM) for m in model.modules())
-    if num_q == 0:
-        raise CheckFailed("AutoAWQ quantized no Linear layers")
-    if save_dtype is not None:
-        model.to(save_dtype)  # int32 qweight/qzeros are not floating point and stay as they are
-        model.config.dtype = save_dtype
 
+def _write_awq_folder(wrapper, tokenizer, src: Path, dst: Path, progress: bool) -> None:
+    """AutoAWQ's own ``save_quantized`` output (``config.json`` with ``quantization_config``,
+    ``model*.safetensors``) plus the tokenizer files and any ``*.py`` remote code of ``src``, written into a
+    temporary sibling of ``dst`` and renamed into place, so a failure never leaves a half-written ``dst``."""
     tmp = dst.parent / f".{dst.name}.awq-tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -611,27 +633,6 @@ def quantize_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckFailed(f"writing the AWQ folder '{dst}' failed: {e}") from None
 
-    files = {p.name: p.stat().st_size for p in _safetensors_files(dst)}
-    from importlib.metadata import version as _v
-
-    return {
-        "architecture": arch,
-        "awq_model_type": model_type,
-        "w_bit": w_bit,
-        "group_size": group_size,
-        "zero_point": zero_point,
-        "version": "gemm",
-        "calib_windows": len(windows),
-        "calib_seq_len": max_calib_seq_len,
-        "calib_tokens_available": n_tokens,
-        "num_qlinears": num_q,
-        "seconds": round(seconds, 3),
-        "cpu_seconds": round(cpu_seconds, 3),
-        "seconds_total": round(time.perf_counter() - t_total, 3),
-        "safetensors_bytes": sum(files.values()),
-        "files_bytes": files,
-        "autoawq_version": _v("autoawq"),
-    }
 
 
 # --------------------------------------------------------------------------- load + verify
@@ -681,7 +682,37 @@ def _load(folder: Path, dtype: torch.dtype, build_model: Callable[[Any], nn.Modu
     cfg = _read_config(folder)
     qc = _read_quant_config(cfg, folder)
     arch = _architecture_of(cfg, folder)
+    model = _build_model(folder, cfg, arch, dtype, build_model)
 
+    tensors, sizes = _read_tensors(folder)
+    group_size, bits = qc["group_size"], qc["bits"]
+    new_sd, used = _dequantized_linears(model, tensors, bits, group_size, dtype)
+    num_q = sum(k.endswith(".qweight") for k in used)
+    if num_q == 0:
+        raise CheckFailed(f"'{folder}' holds no qweight tensors matching the modules of {arch}")
+    _add_stored_tensors(model, tensors, new_sd, used, arch)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise CheckFailed(f"unexpected tensors in '{folder}' that no module of {arch} takes: {', '.join(extra[:5])}{more}")
+    model.load_state_dict(new_sd, strict=True)
+    info = {
+        "architecture": arch,
+        "num_qlinears": num_q,
+        "w_bit": bits,
+        "group_size": group_size,
+        "codes_ok": True,
+        "safetensors_bytes": sum(sizes.values()),
+        "files_bytes": sizes,
+    }
+    return model, info
+
+
+def _build_model(folder: Path, cfg: dict, arch: str, dtype: torch.dtype,
+                 build_model: Callable[[Any], nn.Module] | None) -> nn.Module:
+    """The unquantized model ``config.json`` (minus ``quantization_config``) describes, randomly initialised,
+    in ``dtype`` and eval mode: ``build_model(config)``, or the transformers class ``arch`` (its per-layer
+    version for a gqaprune per-layer-shaped folder)."""
     import transformers
     from transformers import AutoConfig
 
@@ -702,13 +733,16 @@ def _load(folder: Path, dtype: torch.dtype, build_model: Callable[[Any], nn.Modu
 
             cls = per_layer_class(cls)
         model = cls(config)
-    model = model.to(dtype).eval()
+    return model.to(dtype).eval()
 
-    tensors, sizes = _read_tensors(folder)
-    group_size, bits = qc["group_size"], qc["bits"]
+
+def _dequantized_linears(model: nn.Module, tensors: dict[str, torch.Tensor], bits: int, group_size: int,
+                         dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """(state-dict entries, tensor names used) of every nn.Linear of ``model`` that has a ``qweight`` on disk:
+    its weight unpacked and dequantized from qweight/qzeros/scales, checked against the module's shape and
+    for finite values, and its bias as stored."""
     new_sd: dict[str, torch.Tensor] = {}
     used: set[str] = set()
-    num_q = 0
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or f"{name}.qweight" not in tensors:
             continue
@@ -726,24 +760,26 @@ def _load(folder: Path, dtype: torch.dtype, build_model: Callable[[Any], nn.Modu
             raise CheckFailed(f"{name}.qweight: dequantized weight has NaN or inf values")
         new_sd[f"{name}.weight"] = w.to(dtype)
         used.update({f"{name}.qweight", f"{name}.qzeros", f"{name}.scales"})
-        num_q += 1
         if mod.bias is not None:
             b = tensors.get(f"{name}.bias")
             if b is None:
                 raise CheckFailed(f"missing tensor {name}.bias")
             new_sd[f"{name}.bias"] = b
             used.add(f"{name}.bias")
-    if num_q == 0:
-        raise CheckFailed(f"'{folder}' holds no qweight tensors matching the modules of {arch}")
+    return new_sd, used
 
+
+def _add_stored_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], new_sd: dict[str, torch.Tensor],
+                        used: set[str], arch: str) -> None:
+    """Every other state-dict entry of ``model`` (embeddings, norms, lm_head) as stored, into ``new_sd``
+    (names taken go into ``used``); checked for shape and finite values."""
     # Parameters that share storage (tied embeddings) are saved once.
     alias: dict[int, list[str]] = {}
     for key, p in model.named_parameters(remove_duplicate=False):
         alias.setdefault(id(p), []).append(key)
     alias_of = {k: ks for ks in alias.values() for k in ks}
 
-    sd = model.state_dict()
-    for key, ref in sd.items():
+    for key, ref in model.state_dict().items():
         if key in new_sd:
             continue
         if key in tensors:
@@ -759,21 +795,6 @@ def _load(folder: Path, dtype: torch.dtype, build_model: Callable[[Any], nn.Modu
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckFailed(f"{key}: has NaN or inf values")
         new_sd[key] = t.to(ref.dtype)
-    extra = sorted(set(tensors) - used)
-    if extra:
-        more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
-        raise CheckFailed(f"unexpected tensors in '{folder}' that no module of {arch} takes: {', '.join(extra[:5])}{more}")
-    model.load_state_dict(new_sd, strict=True)
-    info = {
-        "architecture": arch,
-        "num_qlinears": num_q,
-        "w_bit": bits,
-        "group_size": group_size,
-        "codes_ok": True,
-        "safetensors_bytes": sum(sizes.values()),
-        "files_bytes": sizes,
-    }
-    return model, info
 
 
 def load_dequantized(folder: Path, dtype: torch.dtype = torch.float32, build_model: Callable[[Any], nn.Module] | None = None):

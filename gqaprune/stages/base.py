@@ -57,6 +57,11 @@ class Stage:
         """Whether layers can end with different shapes (AutoAWQ and save_as: mistral need one shape)."""
         return False
 
+    def needs_teacher(self) -> bool:
+        """Whether the stage reads ``ctx.teacher``, a frozen copy of the model before the first stage, which the
+        runner then keeps for the whole run (one extra copy of the unpruned weights)."""
+        return False
+
     def layer_local(self) -> bool:
         """Whether the stage can run one decoder layer at a time (its scores and repair need only that layer's
         inputs); a layer-wise pipeline runs only such stages."""

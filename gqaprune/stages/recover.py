@@ -209,6 +209,9 @@ class Recover(Stage):
     def plan(self, shapes: list[dict], inp: PlanInput) -> Planned:
         return Planned(unchanged(shapes), [], {})  # trains the weights; shapes stay
 
+    def needs_teacher(self) -> bool:
+        return self.cfg.method == "distill"  # the KL term's logits come from the model before pruning
+
     @classmethod
     def card_what(cls, s: dict) -> str:
         return f"recovery fine-tuning ({s.get('method')}, {s.get('steps')} steps)"

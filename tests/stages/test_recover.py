@@ -205,6 +205,13 @@ def test_missing_teacher_is_a_clear_error(tok):
         Recover(RecoverStage(type="recover", method="distill", steps=1)).apply(ctx)
 
 
+def test_only_distill_asks_the_runner_for_a_teacher():
+    """The runner keeps the pre-pruning copy exactly when a stage's needs_teacher() says so."""
+    assert [Recover(RecoverStage(type="recover", method=m)).needs_teacher() for m in ("lora", "full", "distill")] \
+        == [False, False, True]
+    assert not HeadPrune(HeadPruneStage(type="head_prune", prune_ratio=0.5)).needs_teacher()  # Stage's default
+
+
 # --- recovery after pruning ---------------------------------------------------------------------
 
 

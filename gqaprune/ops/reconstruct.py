@@ -1,47 +1,79 @@
 """Least-squares repair of a consuming projection after some of its inputs are removed.
 
 With C = X^T X the Gram matrix of the projection's inputs over the calibration
-tokens (float64) and K the kept input indices, the kept weight that best
-reproduces the original output W X from X_K is
+tokens and K the kept input indices, the kept weight that best reproduces the original
+output W X from X_K is
 
     W_new = W C[:, K] (C[K, K] + lambda I)^-1,   lambda = damp * mean(diag C[K, K])
 
 (GPTQ-style damping). Errors are relative output errors ||W X - W' X_K||^2 / ||W X||^2,
-computed from C without the activations. C may come in float32 (gqaprune.scoring.stats accumulates
-it so); every function here widens it to float64 first, one matrix at a time.
+computed from C without the activations.
+
+Memory: the solves run in float64 (damped Grams of a few thousand tokens in ~10^4 dimensions are
+badly conditioned in float32), but C may come in float32 (gqaprune.scoring.stats accumulates it so)
+and is never widened whole: products with it are taken a column block at a time, and the one float64
+(|K|, |K|) block a solve needs is damped in place (no identity matrix) and factored, so a solve holds
+two (|K|, |K|) float64 matrices, the block and its Cholesky factor. With A = C_KK + lambda I and the
+solution W' A = B, tr(W' C_KK W'^T) = <B, W'> - lambda |W'|^2, so the errors need no Gram after the solve.
 """
 
 from __future__ import annotations
 
 import torch
 
+_BLOCK = 2048  # columns of C widened to float64 at a time
+
 
 def relative_error(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, w_kept: torch.Tensor) -> float:
     """||W X - W_kept X_K||^2 / ||W X||^2 from the Gram matrix; w (out, in), w_kept (out, |K|)."""
-    w, c = w.double(), c.double()
+    w = w.detach().double().cpu()
     d = w.clone()
-    d[:, keep] -= w_kept.double()
-    num = torch.einsum("oi,ij,oj->", d, c, d)
-    den = torch.einsum("oi,ij,oj->", w, c, w)
+    d[:, keep] -= w_kept.detach().double().cpu()
+    num = (_times(d, c, None, None) * d).sum()
+    den = (_times(w, c, None, None) * w).sum()
     return float(num / den.clamp_min(1e-300))
 
 
-def _solve(c_kk: torch.Tensor, wc_k: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, bool]:
-    """W_new = (W C[:, K]) (C[K,K] + lambda I)^-1 from wc_k = W C[:, K] (out, |K|); returns (W_new, lambda,
-    whether the Cholesky solve succeeded)."""
+def _times(w64: torch.Tensor, c: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+    """w64 @ C[rows][:, cols] in float64 (out, |cols|), widening C one column block at a time (None: all)."""
+    cols = torch.arange(c.shape[1]) if cols is None else cols
+    assert w64.shape[1] == (c.shape[0] if rows is None else rows.numel()), (w64.shape, c.shape)
+    out = torch.empty(w64.shape[0], cols.numel(), dtype=torch.float64)
+    for s in range(0, cols.numel(), _BLOCK):
+        block = cols[s: s + _BLOCK]
+        part = c.index_select(1, block.to(c.device)) if rows is None else c[rows[:, None], block[None, :]]
+        out[:, s: s + _BLOCK] = w64 @ part.to(device="cpu", dtype=torch.float64)
+    return out
+
+
+def _solve(c_kk: torch.Tensor, wc_k: torch.Tensor, damp: float, *,
+           overwrite: bool = False) -> tuple[torch.Tensor, float, bool]:
+    """W_new = (W C[:, K]) (C[K,K] + lambda I)^-1 from wc_k = W C[:, K] (out, |K|) and the float64 block c_kk;
+    returns (W_new, lambda, whether the Cholesky solve succeeded). With ``overwrite`` c_kk is the caller's
+    scratch copy and is damped in place (it then holds C_KK + lambda I); otherwise it is copied once."""
+    assert c_kk.dtype == torch.float64 and c_kk.shape == (wc_k.shape[1], wc_k.shape[1]), (c_kk.shape, wc_k.shape)
     lam = damp * float(torch.diagonal(c_kk).mean().clamp_min(1e-12))
-    a = c_kk + lam * torch.eye(c_kk.shape[0], dtype=c_kk.dtype)
+    a = c_kk if overwrite else c_kk.clone()
+    a.diagonal().add_(lam)
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
         return torch.cholesky_solve(wc_k.T, chol).T, lam, True
+    del chol
     # kept block not positive definite even after damping: least-norm solution
     return (torch.linalg.pinv(a) @ wc_k.T).T, lam, False
 
 
+def _kept_block(c: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """C[K, K] as a fresh float64 (|K|, |K|) matrix (no (in, in) float64 copy on the way)."""
+    return c[keep[:, None], keep[None, :]].to(device="cpu", dtype=torch.float64)
+
+
 def solve_kept_weight(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """The least-squares W_new (out, |K|) in float64; falls back to a pseudo-inverse if C[K,K] is singular."""
-    w, c = w.double(), c.double()
-    return _solve(c[keep][:, keep], w @ c[:, keep], damp)[0]
+    keep = keep.to(torch.long).cpu()
+    w64 = w.detach().double().cpu()
+    wc_k = _times(w64, c, None, keep)
+    return _solve(_kept_block(c, keep), wc_k, damp, overwrite=True)[0]
 
 
 def repair(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, dict]:
@@ -52,30 +84,26 @@ def repair(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, damp: float = 0
     numerator is tr(W_R C_RR W_R^T), and for the damped optimum W' (C_KK + lambda I) = W C[:,K] the
     solve's numerator den - 2<W C[:,K], W'> + tr(W' C_KK W'^T) equals den - <W C[:,K], W'> - lambda |W'|^2."""
     keep = keep.to(torch.long).cpu()
-    w_cpu = w.detach().cpu()
-    c = c.detach().double().cpu()
-    w64 = w_cpu.double()
-    removed = torch.ones(w64.shape[1], dtype=torch.bool)
-    removed[keep] = False
+    c = c.detach()
+    w64 = w.detach().double().cpu()
+    removed_mask = torch.ones(w64.shape[1], dtype=torch.bool)
+    removed_mask[keep] = False
+    removed = removed_mask.nonzero().reshape(-1)
     w_k, w_r = w64[:, keep], w64[:, removed]
-    wc_k = w64 @ c[:, keep]  # (out, |K|)
-    new, lam, exact = _solve(c[keep][:, keep], wc_k, damp)
-    den = (wc_k * w_k).sum() + ((w64 @ c[:, removed]) * w_r).sum()
+    wc_k = _times(w64, c, None, keep)  # (out, |K|)
+    den = (wc_k * w_k).sum() + (_times(w64, c, None, removed) * w_r).sum()
     den = den.clamp_min(1e-300)
-    err_slice = float(_quad(w_r, c[removed][:, removed]) / den)
+    err_slice = float((_times(w_r, c, removed, removed) * w_r).sum() / den)
+    new, lam, exact = _solve(_kept_block(c, keep), wc_k, damp, overwrite=True)
     err_ls = float((den - (wc_k * new).sum() - lam * new.pow(2).sum()) / den) if exact else -1.0
+    del wc_k
     if not 0.0 <= err_ls <= err_slice:  # least-norm fallback or rounding: the direct formula
         d = w64.clone()
         d[:, keep] -= new
-        err_ls = float(_quad(d, c) / den)
+        err_ls = float((_times(d, c, None, None) * d).sum() / den)
     if err_ls > err_slice:  # damping can, rarely, lose to slicing: never make the layer worse
         new, err_ls = w_k, err_slice
     return new.to(dtype=w.dtype, device=w.device), {"rel_error_slice": err_slice, "rel_error_lsq": err_ls}
-
-
-def _quad(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """tr(A C A^T) = sum_oij A[o,i] C[i,j] A[o,j]."""
-    return ((a @ c) * a).sum()
 
 
 def repair_paired(w: torch.Tensor, c_dense: torch.Tensor, cross: torch.Tensor, c_kept: torch.Tensor,
@@ -84,34 +112,52 @@ def repair_paired(w: torch.Tensor, c_dense: torch.Tensor, cross: torch.Tensor, c
 
     X are the projection's inputs in the unpruned model, X'_K the kept inputs in the model whose
     earlier layers are already pruned. c_dense = X^T X (in, in), cross = X^T X'_K (in, k),
-    c_kept = X'_K^T X'_K (k, k). W' = W cross (c_kept + lambda I)^-1.
+    c_kept = X'_K^T X'_K (k, k), all float64; none is modified. W' = W cross (c_kept + lambda I)^-1.
     """
     w64 = w.detach().double().cpu()
-    new = _solve(c_kept, w64 @ cross, damp)[0]  # (out, k)
+    den = float((_times(w64, c_dense, None, None) * w64).sum())
+    return repair_paired_products(w, w64 @ cross, c_kept.clone(), den, damp)
 
-    def err(wk):
-        num = (torch.einsum("oi,ij,oj->", w64, c_dense, w64) - 2 * torch.einsum("oi,ik,ok->", w64, cross, wk)
-               + torch.einsum("ok,kl,ol->", wk, c_kept, wk))
-        return float(num / torch.einsum("oi,ij,oj->", w64, c_dense, w64).clamp_min(1e-300))
 
-    return new.to(dtype=w.dtype, device=w.device), {"rel_error_lsq": err(new)}
+def repair_paired_products(w: torch.Tensor, w_cross: torch.Tensor, c_kept: torch.Tensor, den: float,
+                           damp: float = 0.01) -> tuple[torch.Tensor, dict]:
+    """repair_paired from the products it needs: w_cross = W X^T X'_K (out, k) float64, c_kept = X'_K^T X'_K
+    (k, k) float64, *consumed* (damped in place), den = ||W X||^2. The error ||W X - W' X'_K||^2 / den is
+    den - 2<w_cross, W'> + tr(W' c_kept W'^T) with tr(W' c_kept W'^T) = <w_cross, W'> - lambda |W'|^2 for the
+    Cholesky solution (W' A = w_cross with A = c_kept + lambda I), and tr(W' A W'^T) - lambda |W'|^2 otherwise."""
+    new, lam, exact = _solve(c_kept, w_cross, damp, overwrite=True)  # c_kept now holds A
+    quad = (w_cross * new).sum() if exact else ((new @ c_kept) * new).sum()
+    num = den - 2 * float((w_cross * new).sum()) + float(quad - lam * new.pow(2).sum())
+    return new.to(dtype=w.dtype, device=w.device), {"rel_error_lsq": num / max(den, 1e-300)}
+
+
+def residual_correction(c: torch.Tensor, cross: torch.Tensor, delta_sq: float,
+                        damp: float = 0.01) -> tuple[torch.Tensor, dict]:
+    """Layer-drop repair's correction E (out, in) float32, to be added to the kept projection, and its errors.
+
+    With X the projection's inputs (in) and D the dropped layers' contribution to the residual stream
+    (out) over the calibration tokens, c = X^T X (in, in) float64, *consumed* (damped in place),
+    cross = X^T D (in, out) and delta_sq = ||D||^2, E = cross^T (C + lambda I)^-1 minimizes
+    ||E X - D||^2 + lambda ||E||^2 and does not depend on the weight (damping pulls toward the original
+    weight, so E = 0 is always a candidate and the result is never worse than dropping alone). Errors are
+    relative to ||D||^2: 1.0 before (nothing of D is reproduced), ||E X - D||^2 / ||D||^2 after, which with
+    E A = cross^T (A = C + lambda I) is (||D||^2 - <cross^T, E> - lambda |E|^2) / ||D||^2."""
+    assert c.dtype == torch.float64, c.dtype
+    cross_t = cross.detach().to(device="cpu", dtype=torch.float64).T  # (out, in)
+    e, lam, exact = _solve(c, cross_t, damp, overwrite=True)  # c now holds A
+    if exact:
+        resid = delta_sq - float((e * cross_t).sum()) - lam * float(e.pow(2).sum())
+    else:
+        resid = float(((e @ c) * e).sum()) - lam * float(e.pow(2).sum()) - 2 * float((e * cross_t).sum()) + delta_sq
+    err = resid / max(delta_sq, 1e-300)
+    if not err <= 1.0:  # rounding on a degenerate case: keep the layer as it was
+        e, err = torch.zeros_like(e), 1.0
+    return e.float(), {"rel_error_drop": 1.0, "rel_error_lsq": err}
 
 
 def repair_residual(w: torch.Tensor, c: torch.Tensor, cross: torch.Tensor, delta_sq: float,
                     damp: float = 0.01) -> tuple[torch.Tensor, dict]:
-    """Layer-drop repair: teach a kept projection to also write what dropped layers wrote.
-
-    With X the projection's inputs (in) and D the dropped layers' contribution to the residual stream
-    (out) over the calibration tokens, c = X^T X (in, in), cross = X^T D (in, out) and delta_sq = ||D||^2,
-    the weight W' = W + E minimizing ||E X - D||^2 + lambda ||E||^2 (damping pulls toward the original
-    weight, so E = 0 is always a candidate and the result is never worse than dropping alone) is
-    E = cross^T (C + lambda I)^-1. Errors are relative to ||D||^2: 1.0 before the solve (nothing of D
-    is reproduced), ||E X - D||^2 / ||D||^2 after.
-    """
-    w64, c, cross = w.detach().double().cpu(), c.detach().double().cpu(), cross.detach().double().cpu()
-    e = _solve(c, cross.T, damp)[0]  # (out, in): cross^T (C + lambda I)^-1
-    resid = _quad(e, c) - 2 * (e * cross.T).sum() + delta_sq
-    err = float(resid / max(delta_sq, 1e-300))
-    if not err <= 1.0:  # rounding on a degenerate case: keep the layer as it was
-        e, err = torch.zeros_like(e), 1.0
-    return (w64 + e).to(dtype=w.dtype, device=w.device), {"rel_error_drop": 1.0, "rel_error_lsq": err}
+    """Layer-drop repair of a kept projection: W + residual_correction(C, cross, ||D||^2) in w's dtype
+    (c is not modified)."""
+    e, err = residual_correction(c.detach().to(device="cpu", dtype=torch.float64, copy=True), cross, delta_sq, damp)
+    return (w.detach().double().cpu() + e.double()).to(dtype=w.dtype, device=w.device), err

@@ -54,3 +54,45 @@ def test_residual_repair_never_worse_than_dropping_and_reports_the_true_error():
     direct = float(((x @ (new - w).T) - d).pow(2).sum() / d.pow(2).sum())
     assert abs(err["rel_error_lsq"] - direct) < 1e-9
     assert 0.0 < err["rel_error_lsq"] < 1.0
+
+
+def test_in_place_solve_equals_the_naive_formula():
+    # W C[:, K] (C_KK + lambda I)^-1 with an explicit identity and inverse, against the damped-in-place Cholesky
+    # solve, on a badly conditioned Gram (fewer tokens than inputs) given in float32 as the statistics hold it
+    from gqaprune.ops.reconstruct import solve_kept_weight
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 64, generator=gen) @ torch.randn(64, 64, generator=gen)  # (tokens, in), rank 40
+    w = torch.randn(10, 64, generator=gen, dtype=torch.float64)
+    c = x.T @ x  # float32, as gqaprune.scoring.stats accumulates it
+    keep = torch.randperm(64, generator=gen)[:48].sort().values
+    c64 = c.double()
+    c_kk = c64[keep][:, keep]
+    lam = 0.01 * float(torch.diagonal(c_kk).mean())
+    naive = w @ c64[:, keep] @ torch.linalg.inv(c_kk + lam * torch.eye(48, dtype=torch.float64))
+    got = solve_kept_weight(w, c, keep, damp=0.01)
+    assert got.dtype == torch.float64 and got.shape == (10, 48)
+    assert float((got - naive).abs().max()) < 1e-10 * float(naive.abs().max())
+    new, err = repair(w, c, keep, damp=0.01)
+    assert torch.allclose(new, naive, atol=1e-10 * float(naive.abs().max()), rtol=0)
+    assert abs(err["rel_error_lsq"] - relative_error(w, c64, keep, naive)) < 1e-10
+    assert torch.equal(c, x.T @ x)  # the caller's Gram is left as it was
+
+
+def test_paired_repair_from_products_matches_the_gram_formula():
+    from gqaprune.ops.reconstruct import repair_paired
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 12, generator=gen, dtype=torch.float64)  # dense inputs
+    keep = torch.tensor([0, 1, 3, 4, 6, 7, 9, 10])
+    xp = x[:, keep] + 0.1 * torch.randn(300, 8, generator=gen, dtype=torch.float64)  # pruned-model inputs
+    w = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    grams = (x.T @ x, x.T @ xp, xp.T @ xp)
+    kept_before = grams[2].clone()
+    new, err = repair_paired(w, *grams, damp=0.01)
+    lam = 0.01 * float(torch.diagonal(grams[2]).mean())
+    naive = w @ grams[1] @ torch.linalg.inv(grams[2] + lam * torch.eye(8, dtype=torch.float64))
+    assert float((new - naive).abs().max()) < 1e-10
+    direct = float((x @ w.T - xp @ new.T).pow(2).sum() / (x @ w.T).pow(2).sum())
+    assert abs(err["rel_error_lsq"] - direct) < 1e-10
+    assert torch.equal(grams[2], kept_before)

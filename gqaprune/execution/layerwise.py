@@ -37,9 +37,9 @@ from tqdm.auto import tqdm
 
 from gqaprune.arch.adapter import decoder_layers, get_module, head_dim_of, layer_shape, model_shapes
 from gqaprune.context import RunContext
-from gqaprune.execution.weights import (SafetensorsFolder, ShardWriter, build_shell, live_layers, load_non_layer,
-                                        materialize_layer, release_layer)
-from gqaprune.ops.reconstruct import relative_error, repair, repair_paired, repair_residual
+from gqaprune.execution.weights import (SafetensorsFolder, ShardWriter, build_shell, cast_via, live_layers,
+                                        load_non_layer, materialize_layer, release_layer, release_non_layer)
+from gqaprune.ops.reconstruct import repair, repair_paired_products, residual_correction
 from gqaprune.ops.surgery import drop_layers, prune_channels, prune_heads
 from gqaprune.plan import check_layerwise_model
 from gqaprune.schema import repair_mode
@@ -130,15 +130,27 @@ def role_inputs(layer, role: str, stream: Stream) -> list[torch.Tensor]:
     return xs
 
 
-def paired_grams_from(xs_dense: list[torch.Tensor], xs_kept: list[torch.Tensor]):
-    """(X^T X, X^T X', X'^T X') in float64, accumulated batch by batch as gqaprune.ops.sequential does."""
-    c_dense = cross = c_kept = 0
+def paired_products(w_old: torch.Tensor, cols: torch.Tensor, xs_dense: list[torch.Tensor],
+                    xs_kept: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """What the sequential repair of W = ``w_old`` (out, in) needs, in float64, batch by batch: W X^T X'_K
+    (out, k), X'_K^T X'_K (k, k), ||W X||^2 and slicing's ||W X - W_K X_K||^2 = ||W_R X_R||^2, with X the dense
+    inputs (tokens, in) and X'_K the pruned layer's (tokens, k). The same quantities as gqaprune.ops.sequential's
+    Grams (X^T X, X^T X', X'^T X') give, without their two (in, in)-sized matrices."""
+    w64 = w_old.detach().double().cpu()
+    removed = torch.ones(w64.shape[1], dtype=torch.bool)
+    removed[cols] = False
+    w_r = w64[:, removed]
+    w_cross = torch.zeros(w64.shape[0], len(cols), dtype=torch.float64)
+    c_kept = torch.zeros(len(cols), len(cols), dtype=torch.float64)
+    den = slice_num = 0.0
     for x, xp in zip(xs_dense, xs_kept):
         x, xp = x.double().cpu(), xp.double().cpu()
-        c_dense = c_dense + x.T @ x
-        cross = cross + x.T @ xp
-        c_kept = c_kept + xp.T @ xp
-    return c_dense, cross, c_kept
+        y = x @ w64.T  # (tokens, out): the dense output
+        den += float(y.pow(2).sum())
+        slice_num += float((x[:, removed] @ w_r.T).pow(2).sum())
+        w_cross.addmm_(y.T, xp)
+        c_kept.addmm_(xp.T, xp)
+    return w_cross, c_kept, den, slice_num
 
 
 # --- one pruning stage on one layer ------------------------------------------------------------------
@@ -210,10 +222,10 @@ def _repair_layer(ctx, sr: StageRun, j: int, layer, w_old, cols, stats, dense, p
     c = sr.cfg
     mod = get_module(layer, sr.role(ctx.adapter))
     if sr.sequential:
-        grams = paired_grams_from(dense, role_inputs(layer, sr.role(ctx.adapter), pruned_input))
-        slice_err = relative_error(w_old.cpu(), grams[0], cols, w_old.cpu()[:, cols])
-        new_w, err = repair_paired(w_old, *grams, c.reconstruct_damp)
-        err["rel_error_slice_dense_inputs"] = slice_err
+        w_cross, c_kept, den, slice_num = paired_products(w_old, cols, dense,
+                                                          role_inputs(layer, sr.role(ctx.adapter), pruned_input))
+        new_w, err = repair_paired_products(w_old, w_cross, c_kept, den, c.reconstruct_damp)  # consumes c_kept
+        err["rel_error_slice_dense_inputs"] = slice_num / max(den, 1e-300)
     else:
         path = role_paths(ctx.adapter, j, ["o" if sr.heads else "down"])["o" if sr.heads else "down"]
         new_w, err = repair(w_old, stats.gram[path], cols, c.reconstruct_damp)
@@ -274,10 +286,10 @@ class Pipeline:
     weights: SafetensorsFolder
     dtype: torch.dtype
     source_index: list[int]  # shell layer j -> layer index in the source files
-    drop_repairs: dict[int, tuple] = field(default_factory=dict)  # source layer -> repair_residual statistics
-    damp: float = 0.01
+    # source layer -> layer-drop correction E (out, in) float32 of its down projection (residual_correction)
+    drop_corrections: dict[int, torch.Tensor] = field(default_factory=dict)
     max_live_layers: int = 0
-    drop_errors: dict[int, dict] = field(default_factory=dict)  # source layer -> repair_residual errors
+    drop_errors: dict[int, dict] = field(default_factory=dict)  # source layer -> residual_correction errors
     pristine: list | None = None  # meta copies of the shell's layers as in the source (a sweep prunes the shell's)
 
     def reset(self) -> None:
@@ -290,11 +302,10 @@ class Pipeline:
         layer = materialize_layer(self.ctx.model, self.ctx.adapter, j, self.weights, self.source_index[j], self.dtype)
         self.max_live_layers = max(self.max_live_layers, live_layers(self.ctx.model, self.ctx.adapter))
         src = self.source_index[j]
-        if src in self.drop_repairs:  # the kept layer before a dropped run also writes what the run added
+        if src in self.drop_corrections:  # the kept layer before a dropped run also writes what the run added
             down = get_module(layer, self.ctx.adapter.layer.down)
-            new_w, self.drop_errors[src] = repair_residual(down.weight, *self.drop_repairs[src], self.damp)
-            with torch.no_grad():
-                down.weight.copy_(new_w)
+            with torch.no_grad():  # as repair_residual adds it (in float64), so in-memory runs match
+                down.weight.copy_(down.weight.double() + self.drop_corrections[src].double())
         return layer
 
 
@@ -397,7 +408,7 @@ def drop_decision(pipe: Pipeline, cfg, start: Stream) -> dict:
     reconstruct, note = layer_drop_reconstruct(cfg, ctx.adapter)
     if reconstruct == "least_squares":
         runs = contiguous_runs(dropped)
-        pipe.drop_repairs = residual_sweep(pipe, runs, start)
+        pipe.drop_corrections, pipe.drop_errors = residual_sweep(pipe, runs, start, cfg.reconstruct_damp)
         for s, e in runs:
             repairs.append({"dropped": list(range(s, e)), "repaired_layer": s - 1 if s > 0 else None}
                            if s > 0 else {"dropped": list(range(s, e)), "repaired_layer": None,
@@ -410,17 +421,21 @@ def _unit(hidden: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.nn.functional.normalize(h.float().reshape(-1, h.shape[-1]), dim=-1) for h in hidden]
 
 
-def residual_sweep(pipe: Pipeline, runs: list[tuple[int, int]], start: Stream) -> dict[int, tuple]:
-    """For each dropped run (s, e), s >= 1: (X^T X, X^T (h_e - h_s), ||h_e - h_s||^2) with X the down
-    projection's inputs in layer s-1, accumulated batch by batch as gqaprune.scoring.hidden.residual_stats;
-    keyed by the repaired layer s-1."""
+def residual_sweep(pipe: Pipeline, runs: list[tuple[int, int]], start: Stream,
+                   damp: float) -> tuple[dict[int, torch.Tensor], dict[int, dict]]:
+    """For each dropped run (s, e), s >= 1, the layer-drop correction of layer s-1's down projection and its
+    errors (gqaprune.ops.reconstruct.residual_correction), keyed by the repaired layer s-1. The statistics
+    (X^T X, X^T (h_e - h_s), ||h_e - h_s||^2), X the down projection's inputs in layer s-1, are accumulated
+    batch by batch as gqaprune.scoring.hidden.residual_stats does and solved as soon as the run ends: only
+    the correction (out, in) float32 is kept, not the run's (in, in) Gram."""
     ctx = pipe.ctx
     runs = [(s, e) for s, e in runs if s > 0]
     if not runs:
-        return {}
+        return {}, {}
     xs: dict[int, list] = {}
     h_start: dict[int, list] = {}
-    out: dict[int, tuple] = {}
+    corrections: dict[int, torch.Tensor] = {}
+    errors: dict[int, dict] = {}
     stream = start.copy()
     for j in tqdm(range(max(e for _, e in runs)), desc="layer repair stats (layer-wise)", disable=not ctx.progress,
                   leave=False):
@@ -450,8 +465,11 @@ def residual_sweep(pipe: Pipeline, runs: list[tuple[int, int]], start: Stream) -
                     c.addmm_(x.T, x)
                     cross.addmm_(x.T, d)
                     delta_sq += float(d.double().pow(2).sum())
-                out[s - 1] = (c, cross, delta_sq)
-    return out
+                c64 = c.double()  # the solve's float64 matrix, damped and factored in place of this one
+                del c
+                corrections[s - 1], errors[s - 1] = residual_correction(c64, cross, delta_sq, damp)
+                del c64, cross
+    return corrections, errors
 
 
 # --- the whole run --------------------------------------------------------------------------------
@@ -464,6 +482,22 @@ def _cast(stream: Stream, dtype: torch.dtype) -> Stream:
             return v.to(dtype)
         return tuple(cast(x) for x in v) if isinstance(v, tuple) else v
     return Stream([h.to(dtype) for h in stream.hidden], [{k: cast(v) for k, v in kw.items()} for kw in stream.kwargs])
+
+
+def _non_layer_shard(shell, adapter, weights: SafetensorsFolder, dtype: torch.dtype,
+                     save_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The output's non-layer tensors (a tied lm_head not repeated), read from the source and cast as the run
+    casts them (to the run dtype, then to the save dtype); the shell's own hold nothing during the sweeps."""
+    layer_prefix = f"{adapter.model.layers}."
+    tied = getattr(shell.config, "tie_word_embeddings", False)
+    params = {n for n, _ in shell.named_parameters(remove_duplicate=False)}
+    out = {}
+    for name, buf in shell.state_dict().items():
+        if name.startswith(layer_prefix) or (tied and name == f"{adapter.model.lm_head}.weight"):
+            continue
+        t = weights.read([name])[name] if name in params else buf  # persistent buffers live in the shell
+        out[name] = cast_via(t, dtype, save_dtype)
+    return out
 
 
 def final_logits(shell, adapter, stream: Stream) -> torch.Tensor:
@@ -486,11 +520,12 @@ def prune_layerwise(recipe, model_dir, adapter, calib: torch.Tensor, folder, *, 
     weights = SafetensorsFolder(model_dir)
     shell = build_shell(model_dir, dtype)
     check_layerwise_model(shell.config)  # validate refuses it first (gqaprune.plan.simulate)
-    load_non_layer(shell, adapter, weights, dtype)
+    load_non_layer(shell, adapter, weights, dtype, "embed")
     ctx = RunContext(model=shell, adapter=adapter, tokenizer=tokenizer, recipe=recipe, calib=calib, progress=progress)
     bs = recipe.calibration.batch_size
     start = embed(shell, adapter, id_batches(calib, bs))
     probe_stream = _cast(embed(shell, adapter, id_batches(probe, bs)), save_dtype) if probe is not None else None
+    release_non_layer(shell, adapter)  # the sweeps hold decoder layers only; norm and lm_head come back at the end
     n_source = len(decoder_layers(shell, adapter))
     pipe = Pipeline(ctx, weights, dtype, list(range(n_source)))
     reports, cfgs, sweeps = [], list(recipe.stages), 0
@@ -502,7 +537,6 @@ def prune_layerwise(recipe, model_dir, adapter, calib: torch.Tensor, folder, *, 
         drop_layers(shell, adapter, drop["dropped_layers"])
         drop.update(params_before=params, params_after=_numel(shell), seconds=round(time.perf_counter() - t, 3))
         pipe.source_index = [i for i in range(n_source) if i not in set(drop["dropped_layers"])]
-        pipe.damp = cfgs[0].reconstruct_damp
         reports.append({"type": "layer_drop", "index": 0, **drop})
         cfgs = cfgs[1:]
     offset = len(recipe.stages) - len(cfgs)
@@ -517,10 +551,7 @@ def prune_layerwise(recipe, model_dir, adapter, calib: torch.Tensor, folder, *, 
 
     n_kept = len(decoder_layers(shell, adapter))
     writer = ShardWriter(folder, n_kept + 1, save_dtype)
-    layer_prefix = f"{adapter.model.layers}."
-    tied = getattr(shell.config, "tie_word_embeddings", False)
-    writer.write({n: t.to(save_dtype) if t.is_floating_point() else t for n, t in shell.state_dict().items()
-                  if not n.startswith(layer_prefix) and not (tied and n == f"{adapter.model.lm_head}.weight")})
+    writer.write(_non_layer_shard(shell, adapter, weights, dtype, save_dtype))
     sweep(pipe, runs, [start.copy() for _ in range(len(runs) + 1)], None, writer, probe_stream, desc="prune layer-wise")
     sweeps += 1
     writer.finish()
@@ -551,8 +582,12 @@ def prune_layerwise(recipe, model_dir, adapter, calib: torch.Tensor, folder, *, 
         shell.generation_config.save_pretrained(str(folder))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
-    shell.to(save_dtype)  # final norm and lm_head as saved
-    logits = final_logits(shell, adapter, probe_stream) if probe_stream is not None else None
+    logits = None
+    if probe_stream is not None:  # final norm and lm_head as saved
+        load_non_layer(shell, adapter, weights, save_dtype, "head", via=dtype)
+        shell.to(save_dtype)
+        logits = final_logits(shell, adapter, probe_stream)
+        release_non_layer(shell, adapter)
     return {"stages": reports, "uniform": uniform, "probe_logits": logits, "sweeps": sweeps,
             "max_live_layers": pipe.max_live_layers, "seconds": round(time.perf_counter() - t0, 3),
             "shapes_after": [layer_shape(layer, adapter, head_dim_of(shell.config, adapter))
@@ -562,19 +597,21 @@ def prune_layerwise(recipe, model_dir, adapter, calib: torch.Tensor, folder, *, 
 def stream_folder(folder, adapter, batches: list[dict], dtype: torch.dtype, progress: bool = False,
                   desc: str = "layer-wise forward"):
     """Run ``batches`` of model inputs through the model saved in ``folder``, reading one decoder layer at a
-    time: (the shell, with embeddings, final norm and lm_head loaded; the last layer's outputs; the largest
-    number of decoder layers that held weights at once)."""
+    time: (the shell, with the final norm and lm_head loaded; the last layer's outputs; the largest number of
+    decoder layers that held weights at once). The embeddings are held only while embedding."""
     weights = SafetensorsFolder(folder)
     shell = build_shell(folder, dtype)
     check_layerwise_model(shell.config)
-    load_non_layer(shell, adapter, weights, dtype)
+    load_non_layer(shell, adapter, weights, dtype, "embed")
     stream = embed(shell, adapter, batches)
+    release_non_layer(shell, adapter)
     most = 0
     for j in tqdm(range(len(decoder_layers(shell, adapter))), desc=desc, disable=not progress, leave=False):
         layer = materialize_layer(shell, adapter, j, weights, j, dtype)
         most = max(most, live_layers(shell, adapter))
         stream.hidden = run_layer(layer, stream)
         release_layer(shell, adapter, j)
+    load_non_layer(shell, adapter, weights, dtype, "head")
     return shell, stream, most
 
 

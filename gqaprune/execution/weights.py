@@ -2,10 +2,11 @@
 
 The model being pruned layer-wise is a *shell*: the stock class built without allocating its
 parameters (accelerate's init_empty_weights: parameters on the meta device, buffers such as the
-rotary frequencies on the CPU). Non-layer tensors (embeddings, final norm, lm_head) are loaded
-once; a decoder layer's tensors are read from disk only when that layer is processed
-(``materialize_layer``) and dropped back to the meta device afterwards (``release_layer``), so at
-most one decoder layer holds real weights at any time.
+rotary frequencies on the CPU). Non-layer tensors are loaded only where they run: the embeddings
+for embedding the calibration windows at the start, the final norm and lm_head for the logits at
+the end (``load_non_layer`` with a part, ``release_non_layer``). A decoder layer's tensors are read
+from disk only when that layer is processed (``materialize_layer``) and dropped back to the meta
+device afterwards (``release_layer``), so at most one decoder layer holds real weights at any time.
 """
 
 from __future__ import annotations
@@ -78,17 +79,60 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, dtype: torch.dt
     set_module_tensor_to_device(root, name, "cpu", value=value, dtype=dtype if value.is_floating_point() else None)
 
 
-def load_non_layer(shell: nn.Module, adapter: Adapter, weights: SafetensorsFolder, dtype: torch.dtype) -> None:
-    """Embeddings, final norm, lm_head (everything outside the decoder layers) onto the CPU."""
-    prefix = f"{adapter.model.layers}."
-    names = [n for n in weights.file_of if not n.startswith(prefix)]
-    for name, t in weights.read(names).items():
-        _set_tensor(shell, name, t, dtype)
-    if getattr(shell.config, "tie_word_embeddings", False):
-        shell.tie_weights()
-    missing = [n for n, p in shell.named_parameters() if p.device.type == "meta" and not n.startswith(prefix)]
+def cast_via(t: torch.Tensor, via: torch.dtype | None, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` cast to ``via`` and then to ``dtype`` (what a run in ``via`` saving in ``dtype`` holds), skipping the
+    ``via`` copy when ``via`` represents every value of ``t`` exactly (e.g. bf16 through fp32)."""
+    if not t.is_floating_point():
+        return t
+    exact = via is None or via == t.dtype or (via in (torch.float32, torch.float64)
+                                              and torch.finfo(via).bits >= torch.finfo(t.dtype).bits)
+    return t.to(dtype) if exact else t.to(via).to(dtype)
+
+
+def non_layer_names(shell: nn.Module, adapter: Adapter, part: str) -> list[str]:
+    """The shell's parameters outside the decoder layers (tied ones under each name) in ``part``: 'embed' (the
+    embeddings, all that runs before the first decoder layer), 'head' (the rest: final norm, lm_head) or 'all'."""
+    layers, embed = f"{adapter.model.layers}.", f"{adapter.model.embed}."
+    names = [n for n, _ in shell.named_parameters(remove_duplicate=False) if not n.startswith(layers)]
+    if part == "all":
+        return names
+    assert part in ("embed", "head"), part
+    return [n for n in names if n.startswith(embed) == (part == "embed")]
+
+
+def load_non_layer(shell: nn.Module, adapter: Adapter, weights: SafetensorsFolder, dtype: torch.dtype,
+                   part: str = "all", via: torch.dtype | None = None) -> None:
+    """The non-layer tensors of ``part`` (non_layer_names) onto the CPU in ``dtype`` (cast through ``via`` first
+    when given, so they equal the run dtype's tensors cast to ``dtype``). A tied lm_head is loaded from the
+    embeddings' tensor."""
+    tied = getattr(shell.config, "tie_word_embeddings", False)
+    head, embed = f"{adapter.model.lm_head}.weight", f"{adapter.model.embed}.weight"
+    wanted = non_layer_names(shell, adapter, part)
+    if tied and head in wanted:  # the tied head is the embedding matrix (tie_weights points it there)
+        wanted = [n for n in wanted if n not in (head, embed)] + [embed]
+    missing = [n for n in non_layer_names(shell, adapter, "all") if n not in weights.file_of
+               and not (tied and n == head)]
     if missing:
         raise InputError(f"'{weights.folder}': the weights have no tensor for {', '.join(missing)}")
+    for name in wanted:  # one tensor at a time: the cast copies are transient
+        t = weights.read([name])[name]
+        _set_tensor(shell, name, cast_via(t, via, dtype), dtype)
+    if tied:
+        shell.tie_weights()
+
+
+def release_non_layer(shell: nn.Module, adapter: Adapter) -> None:
+    """Embeddings, final norm and lm_head back to the meta device (a tied head with its embeddings)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name in non_layer_names(shell, adapter, "all"):
+        set_module_tensor_to_device(shell, name, "meta")
+
+
+def live_non_layer(shell: nn.Module, adapter: Adapter) -> list[str]:
+    """The non-layer parameters that hold real weights now."""
+    params = dict(shell.named_parameters(remove_duplicate=False))
+    return [n for n in non_layer_names(shell, adapter, "all") if params[n].device.type != "meta"]
 
 
 def materialize_layer(shell: nn.Module, adapter: Adapter, index: int, weights: SafetensorsFolder,

@@ -227,3 +227,48 @@ def test_validate_refuses_layerwise_on_sliding_window_layers_in_one_line(tmp_pat
     assert len(res.output.strip().splitlines()) == 1
     good = write_recipe(tmp_path, tmp_path / "src", stages, calibration="{samples: 8}")
     assert CliRunner().invoke(main, ["validate", str(good)]).exit_code == 0
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_sweeps_never_hold_embeddings_or_lm_head(tmp_path, monkeypatch, tied):
+    """While any decoder layer is loaded (pruning sweeps and the streamed read-back), the embeddings, final norm
+    and lm_head are on the meta device; the output still has them (a tied head as the embeddings) and its
+    streamed logits equal the reloaded model's."""
+    from tiny import builtin_tokenizer, tiny_model
+
+    from gqaprune.execution import weights as w
+
+    tok = builtin_tokenizer()
+    model = tiny_model("llama", seed=0, num_hidden_layers=4, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id)
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    model.save_pretrained(str(tmp_path / "src"))
+    tok.save_pretrained(str(tmp_path / "src"))
+    adapter = resolve_adapter("llama", None)
+    seen = {"loads": 0}
+    real_materialize = layerwise.materialize_layer
+
+    def checking_materialize(shell, adapter, index, weights, source_index, dtype):
+        layer = real_materialize(shell, adapter, index, weights, source_index, dtype)
+        held = w.live_non_layer(shell, adapter)
+        assert not held, f"non-layer weights {held} held while decoder layer {index} is loaded"
+        seen["loads"] += 1
+        return layer
+
+    monkeypatch.setattr(layerwise, "materialize_layer", checking_materialize)
+    calib = _calib(len(tok))
+    out = prune_layerwise(_recipe("uniform", "layerwise"), tmp_path / "src", adapter, calib, tmp_path / "lw",
+                          dtype=torch.float32, save_dtype=torch.float32, probe=calib[:2], progress=False)
+    streamed, most = streamed_logits(tmp_path / "lw", adapter, calib[:2], torch.float32, 3)
+    assert seen["loads"] > 3 * 4 and most == 1
+    saved = load_pretrained(tmp_path / "lw", dtype=torch.float32)
+    names = set(w.SafetensorsFolder(tmp_path / "lw").file_of)
+    assert ("lm_head.weight" in names) == (not tied) and "model.embed_tokens.weight" in names
+    assert (saved.lm_head.weight.data_ptr() == saved.model.embed_tokens.weight.data_ptr()) == tied
+    torch.testing.assert_close(saved.lm_head.weight, model.lm_head.weight)
+    torch.testing.assert_close(saved.model.norm.weight, model.model.norm.weight)
+    with torch.no_grad():
+        want = saved(input_ids=calib[:2], use_cache=False).logits
+    assert float((streamed - want).abs().max()) <= 1e-4 and float((out["probe_logits"] - want).abs().max()) <= 1e-4

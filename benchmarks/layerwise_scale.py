@@ -14,6 +14,8 @@ Shapes: small (8 layers, hidden 512, 8 Q / 4 KV, MLP 1408, vocab 32000: 50M), mi
 llama3-8b (32 layers, hidden 4096, 32 Q / 8 KV, MLP 14336, vocab 128256: 8.0B). Results go to
 benchmarks/results/layerwise_<shape>.json and are rendered into benchmarks/results/layerwise.md.
 `--estimate-only` prints the plan's estimate without running (used for Llama-3-70B on paper).
+`--layers N` keeps a shape's width with N decoder layers and drops one layer (e.g. the 8B width with 4 layers,
+to measure the layer-wise peak without writing 16 GB); results then go to layerwise_<shape>_<N>L.json.
 """
 
 from __future__ import annotations
@@ -46,15 +48,16 @@ SHAPES = {
 DROP = {"small": 1, "mid": 2, "tinyllama": 2, "llama3-8b": 4, "llama3-70b": 8}
 
 
-def config_of(shape: str):
+def config_of(shape: str, layers: int | None = None):
     import transformers as tf
 
-    cfg = tf.LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False, dtype="bfloat16")
+    dims = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
+    cfg = tf.LlamaConfig(**dims, max_position_embeddings=4096, tie_word_embeddings=False, dtype="bfloat16")
     cfg.architectures = ["LlamaForCausalLM"]
     return cfg
 
 
-def write_random_model(shape: str, folder: Path) -> None:
+def write_random_model(shape: str, folder: Path, layers: int | None = None) -> None:
     """bf16 safetensors, one shard per decoder layer (plus one for the rest), drawn tensor by tensor."""
     from accelerate import init_empty_weights
     import transformers as tf
@@ -63,7 +66,7 @@ def write_random_model(shape: str, folder: Path) -> None:
     from gqaprune.execution.weights import ShardWriter
 
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = config_of(shape)
+    cfg = config_of(shape, layers)
     tok = load_builtin_tokenizer(progress=False)
     cfg.bos_token_id, cfg.eos_token_id = tok.bos_token_id, tok.eos_token_id
     with init_empty_weights():
@@ -90,7 +93,7 @@ def write_random_model(shape: str, folder: Path) -> None:
 
 RECIPE = """model: {model}
 output: {out}
-runtime: {{dtype: float32, threads: 2}}
+runtime: {{dtype: float32, threads: {threads}}}
 calibration: {{samples: {samples}, seq_len: 128, batch_size: 8, sequential: true, pipeline: {mode}}}
 eval: {{perplexity: {{max_tokens: 1024, seq_len: 128, batch_size: 8}}, lm_eval: {{tasks: []}}}}
 stages:
@@ -100,25 +103,30 @@ stages:
 """
 
 
-def estimate(shape: str, mode: str, tokens: int) -> dict:
+def drop_of(shape: str, layers: int | None) -> int:
+    return 1 if layers else DROP[shape]
+
+
+def estimate(shape: str, mode: str, tokens: int, layers: int | None = None) -> dict:
     from gqaprune import memory
     from gqaprune.arch.adapter import resolve_adapter
     from gqaprune.plan import simulate
     from gqaprune.recipe import parse_recipe
 
-    recipe = parse_recipe(RECIPE.format(model="x", out="o", samples=tokens // 128, mode=mode, drop=DROP[shape]))
-    cfg = config_of(shape)
+    recipe = parse_recipe(RECIPE.format(model="x", out="o", samples=tokens // 128, mode=mode,
+                                        drop=drop_of(shape, layers), threads=1))
+    cfg = config_of(shape, layers)
     adapter = resolve_adapter("llama", None)
     plans = simulate(recipe, cfg, adapter)
     return {m: e.as_dict() for m, e in memory.estimate(recipe, cfg, adapter, plans, 4).items()}
 
 
-def _child(model: Path, mode: str, tokens: int, drop: int, out: Path) -> None:
+def _child(model: Path, mode: str, tokens: int, drop: int, out: Path, threads: int) -> None:
     """One `gqaprune run` in this process; prints its wall time and peak RSS as JSON on the last line."""
     from gqaprune.runner import run
 
     recipe = out.parent / f"recipe_{mode}.yaml"
-    recipe.write_text(RECIPE.format(model=model, out=out, samples=tokens // 128, mode=mode, drop=drop))
+    recipe.write_text(RECIPE.format(model=model, out=out, samples=tokens // 128, mode=mode, drop=drop, threads=threads))
     t = time.perf_counter()
     report = run(str(recipe), force=True, progress=False)
     print(json.dumps({"mode": mode, "seconds": round(time.perf_counter() - t, 1),
@@ -137,26 +145,35 @@ def main() -> None:
     ap.add_argument("--modes", default="layerwise,in_memory")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--estimate-only", action="store_true")
+    ap.add_argument("--threads", type=int, default=2, help="runtime.threads of the pruning runs")
+    ap.add_argument("--layers", type=int, default=None, help="override the shape's number of decoder layers (drop 1)")
     ap.add_argument("--child", nargs=3, metavar=("MODEL", "MODE", "OUT"))
     args = ap.parse_args()
     if args.child:
-        _child(Path(args.child[0]), args.child[1], args.tokens, DROP[args.shape], Path(args.child[2]))
+        _child(Path(args.child[0]), args.child[1], args.tokens, drop_of(args.shape, args.layers), Path(args.child[2]),
+               args.threads)
         return
-    est = estimate(args.shape, "layerwise", args.tokens)
+    if args.layers is not None and args.layers < 3:
+        sys.exit(f"--layers: {args.layers} is too few; use at least 3 (one is dropped, the first and last are kept)")
+    est = estimate(args.shape, "layerwise", args.tokens, args.layers)
     print(json.dumps({"estimate_bytes": {m: e["total_bytes"] for m, e in est.items()}}), flush=True)
     if args.estimate_only:
         for m, e in est.items():
             print(m, f"{e['total_bytes'] / 2**30:.2f} GiB", {k: f"{v / 2**30:.2f}" for k, v in e["parts"].items()})
         return
-    result = {"shape": args.shape, "config": SHAPES[args.shape], "tokens": args.tokens, "estimate": est, "runs": {}}
+    config = dict(SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {}))
+    result = {"shape": args.shape, "config": config, "drop": drop_of(args.shape, args.layers), "tokens": args.tokens,
+              "threads": args.threads,
+              "estimate": est, "runs": {}}
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         model = Path(tmp) / "model"
         t = time.perf_counter()
-        write_random_model(args.shape, model)
+        write_random_model(args.shape, model, args.layers)
         result["write_seconds"] = round(time.perf_counter() - t, 1)
         for mode in args.modes.split(","):
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.layerwise_scale", "--shape", args.shape,
-                                   "--tokens", str(args.tokens), "--child", str(model), mode, str(Path(tmp) / mode)],
+            layers = ["--layers", str(args.layers)] if args.layers else []
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.layerwise_scale", "--shape", args.shape, *layers,
+                                   "--tokens", str(args.tokens), "--threads", str(args.threads), "--child", str(model), mode, str(Path(tmp) / mode)],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 result["runs"][mode] = {"error": proc.stderr.strip().splitlines()[-1:]}
@@ -164,7 +181,8 @@ def main() -> None:
                 result["runs"][mode] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(json.dumps(result["runs"][mode]), flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"layerwise_{args.shape}.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = f"layerwise_{args.shape}" + (f"_{args.layers}L" if args.layers else "")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

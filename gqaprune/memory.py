@@ -1,14 +1,21 @@
 """Estimated peak memory of a run, in-memory and layer-wise, from the shapes alone (no weights loaded).
 
-Each estimate is the largest, over the stages, of the sum of what that stage holds at once:
-- weights: the parameters resident in the run dtype (in-memory: the whole model; layer-wise: embeddings,
-  final norm and lm_head plus the largest decoder layer);
+Each estimate is the largest, over the stages (and, layer-wise, the two ends of the run), of the sum of what
+that stage holds at once:
+- weights: the parameters resident in the run dtype (in-memory: the whole model; layer-wise sweeps: the
+  largest decoder layer only; the ends: the embeddings while embedding the calibration windows, or the final
+  norm and lm_head for the last logits, whichever is larger);
 - dense_copy: in-memory sequential repair and distillation keep a copy of the model before the stage;
 - gradients: Taylor scores reduce each gradient as it arrives, so one tensor's gradient at a time; a full
   recover stage holds gradients and two Adam moments (fp32) for every parameter;
-- grams: Gram matrices X^T X of the repaired/scored projection's inputs in fp32, one per layer at once
-  in-memory (collect_stats), one layer's at a time layer-wise; plus the fp64 working set of one solve
-  (sequential: X^T X, X^T X', X'^T X' in fp64);
+- grams: Gram matrices X^T X of the scored/repaired projection's inputs in fp32 (in-memory: one per layer at
+  once; layer-wise: one layer's), plus the fp64 working set of the solve (gqaprune.ops.reconstruct): the kept
+  block damped in place and its Cholesky factor, 2 (k, k) with k the kept width; sequential repair adds its
+  statistics (in-memory: X^T X, X^T X' in fp64; layer-wise: only W X^T X' (out, k)); the OBS reconstruction
+  score inverts a damped (in, in) Gram (5 fp64 matrices). The layer-drop repair solves one dropped run at a
+  time over the MLP width (2 fp64 (inter, inter), plus X^T D in fp32 and fp64 and the fp64 correction);
+- corrections: layer-wise, the layer-drop corrections E (hidden, inter) fp32 kept from the repair sweep to
+  the main sweep, one per dropped run (counted as one per dropped layer: an upper bound);
 - activations: calibration hidden states (layer-wise: one stream per pruning stage plus one, all windows,
   plus the repaired projection's dense inputs when sequential), one batch's forward (logits in fp32), and
   for Taylor the activations autograd keeps for the backward pass (approximate: ~6 hidden + 4 MLP + the
@@ -27,9 +34,11 @@ from gqaprune.recipe import STAGE_SCORES
 
 GRAM_BYTES = 4  # float32 accumulation (gqaprune.scoring.stats)
 SOLVE_BYTES = 8  # float64 solves (gqaprune.ops.reconstruct)
-# fp64 (in, in) matrices alive during one solve: the widened Gram (or the three paired Grams), its kept block,
-# the damped copy, the identity and the Cholesky factor
-SOLVE_MATRICES = 5
+# fp64 (k, k) matrices alive during one least-squares solve: the kept block, damped in place, and its Cholesky factor
+SOLVE_MATRICES = 2
+# fp64 (in, in) matrices of the OBS reconstruction score (gqaprune.scoring.obs): the widened Gram, the identity,
+# the damped sum and the pseudo-inverse with its SVD factors
+OBS_MATRICES = 5
 RUNTIME_BYTES = 450 * 2**20  # Python, torch, transformers and the tokenizer before any tensor (measured, CPU)
 
 
@@ -75,6 +84,38 @@ def _role_width(stage_type: str, s: dict, head_dim: int) -> int:
     return s["num_attention_heads"] * head_dim if stage_type == "head_prune" else s["intermediate_size"]
 
 
+def _prune_grams(st, score, sequential: bool, widths: list[int], kept: list[int], hidden: int) -> tuple[int, int]:
+    """(in-memory, layer-wise) bytes of a head/neuron stage's Grams and solve working set; widths/kept: the
+    role's input width per layer before and after the stage."""
+    want_gram = (st.reconstruct == "least_squares" and not sequential) or "gram" in score.needs
+    lsq = st.reconstruct == "least_squares"
+    mem = sum(w * w for w in widths) * GRAM_BYTES if want_gram else 0
+    lw = 0
+    for w, k in zip(widths, kept):
+        one = w * w * GRAM_BYTES if want_gram else 0
+        obs = OBS_MATRICES * w * w * SOLVE_BYTES if "gram" in score.needs else 0
+        solve = SOLVE_MATRICES * k * k * SOLVE_BYTES if lsq else 0
+        if sequential:  # in memory: X^T X, X^T X' and X'^T X' (copied for the solve); layer-wise: W X^T X'
+            lw = max(lw, one + max(obs, solve + hidden * k * SOLVE_BYTES))
+            mem_seq = (w * w + w * k + k * k) * SOLVE_BYTES + solve
+        else:
+            lw = max(lw, one + max(obs, solve))
+            mem_seq = 0
+        mem = max(mem, (sum(x * x for x in widths) * GRAM_BYTES if want_gram else 0) + max(obs, solve, mem_seq))
+    return mem, lw
+
+
+def _drop_repair(inter: int, hidden: int, n_drop: int) -> tuple[int, int, int]:
+    """Layer-drop repair: (in-memory grams, layer-wise grams, layer-wise corrections held afterwards). One run's
+    solve holds C widened to fp64 (its fp32 accumulator freed first) and damped in place, its Cholesky factor,
+    X^T D in fp32 and fp64 and the fp64 correction; in memory the fp32 statistics (C, X^T D) of every dropped run
+    are held as well (counted per dropped layer), layer-wise the fp32 corrections of the runs solved before."""
+    solve = (SOLVE_MATRICES * inter * inter + 2 * inter * hidden) * SOLVE_BYTES + inter * hidden * GRAM_BYTES
+    correction = hidden * inter * 4
+    stats = (inter * inter + inter * hidden) * GRAM_BYTES
+    return n_drop * stats + solve, solve + (n_drop - 1) * correction, n_drop * correction
+
+
 def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_params=None) -> dict[str, MemoryEstimate]:
     """Peak memory of ``recipe`` in both pipelines. ``plans``: gqaprune.plan.simulate's output (shapes before
     and after each stage); ``layer_params(shape) -> int`` counts one decoder layer's parameters (default: from
@@ -90,13 +131,25 @@ def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_pa
     non_layer = source.params - sum(layer_params(s) for s in source.per_layer)
     n_prune = sum(st.type in ("head_prune", "neuron_prune") for st in recipe.stages)
 
-    def forward(shapes) -> int:  # one batch through the model: residual, MLP, attention scores, fp32 logits
+    def forward(shapes, logits: bool = True) -> int:  # one batch: residual, MLP, attention scores, fp32 logits
         widest = max(s["intermediate_size"] for s in shapes)
         heads = max(s["num_attention_heads"] for s in shapes)
         return batch_tokens * (4 * hidden + 2 * widest) * b + batch_tokens * heads * cal.seq_len * b \
-            + batch_tokens * vocab * 4 * 2
+            + (batch_tokens * vocab * 4 * 2 if logits else 0)
 
-    best = {m: MemoryEstimate(m) for m in ("in_memory", "layerwise")}
+    corrections = 0  # layer-wise: the layer-drop corrections, held from the repair sweep to the end
+    first = recipe.stages[0] if recipe.stages else None
+    if first is not None and first.type == "layer_drop" and first.reconstruct == "least_squares":
+        n_drop = first.num_layers if first.num_layers is not None else max(1, round(first.fraction * len(source.per_layer)))
+        inter = max(s["intermediate_size"] for s in source.per_layer)
+        corrections = _drop_repair(inter, hidden, n_drop)[2]
+    # the ends of a layer-wise run: embeddings (start) or final norm + lm_head (end), never with a decoder layer
+    embed = vocab * hidden
+    head = non_layer - (0 if getattr(config, "tie_word_embeddings", False) else embed)
+    best = {"in_memory": MemoryEstimate("in_memory"),
+            "layerwise": MemoryEstimate("layerwise", {
+                "runtime": RUNTIME_BYTES, "weights": max(embed, head) * b, "corrections": corrections,
+                "activations": (n_prune + 1) * tokens * hidden * b + forward(source.per_layer)}, "ends")}
     for k, st in enumerate(recipe.stages):
         if st.type == "awq":
             continue
@@ -105,25 +158,18 @@ def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_pa
         widest_layer = max(layer_params(s) for s in shapes)
         mem = {"runtime": RUNTIME_BYTES, "weights": params * b, "dense_copy": 0, "gradients": 0, "grams": 0,
                "activations": forward(shapes)}
-        lw = {"runtime": RUNTIME_BYTES, "weights": (non_layer + widest_layer) * b, "dense_copy": 0, "gradients": 0,
-              "grams": 0,
-              "activations": (n_prune + 1) * tokens * hidden * b + forward(shapes)}
+        lw = {"runtime": RUNTIME_BYTES, "weights": widest_layer * b, "dense_copy": 0, "gradients": 0, "grams": 0,
+              "corrections": corrections if k > 0 else 0,  # the sweeps run decoder layers only: no logits
+              "activations": (n_prune + 1) * tokens * hidden * b + forward(shapes, logits=False)}
         if st.type in ("head_prune", "neuron_prune"):
             widths = [_role_width(st.type, s, hd) for s in shapes]
-            w = max(widths)
+            kept = [_role_width(st.type, s, hd) for s in plans[k + 1].per_layer]
             score = STAGE_SCORES[st.type][st.score]  # what the score reads, from the registry
             sequential = cal.sequential and st.reconstruct == "least_squares"
-            want_gram = (st.reconstruct == "least_squares" and not sequential) or "gram" in score.needs
-            if want_gram:
-                mem["grams"] = sum(x * x for x in widths) * GRAM_BYTES
-                lw["grams"] = w * w * GRAM_BYTES
-            solves = st.reconstruct == "least_squares" or "gram" in score.needs  # reconstruction: OBS costs
-            solve = SOLVE_MATRICES * w * w * SOLVE_BYTES if solves else 0
-            mem["grams"] += solve
-            lw["grams"] += solve
+            mem["grams"], lw["grams"] = _prune_grams(st, score, sequential, widths, kept, hidden)
             if sequential:
                 mem["dense_copy"] = params * b
-                lw["activations"] += tokens * w * b  # the dense inputs of the repaired projection
+                lw["activations"] += tokens * max(widths) * b  # the dense inputs of the repaired projection
             if score.needs_gradients:
                 mem["gradients"] = max(vocab * hidden, max(layer_params(s) for s in shapes)) * b
                 heads = max(s["num_attention_heads"] for s in shapes)
@@ -132,12 +178,10 @@ def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_pa
         elif st.type == "layer_drop":
             inter = max(s["intermediate_size"] for s in shapes)
             mem["activations"] += (L + 1) * batch_tokens * hidden * 4
-            if st.reconstruct == "least_squares":
-                mem["grams"] = ((inter * inter + inter * hidden) * GRAM_BYTES
-                                + SOLVE_MATRICES * inter * inter * SOLVE_BYTES)
-                lw["grams"] = mem["grams"]
-                lw["activations"] += tokens * (inter + hidden) * 4
             n_drop = st.num_layers if st.num_layers is not None else max(1, round(st.fraction * L))
+            if st.reconstruct == "least_squares":
+                mem["grams"], lw["grams"], _ = _drop_repair(inter, hidden, n_drop)
+                lw["activations"] += tokens * (inter + hidden) * 4
             gap = 1 if st.score == "block_influence" else n_drop
             lw["activations"] += (gap + 1) * tokens * hidden * 4
         elif st.type == "recover":
@@ -146,7 +190,11 @@ def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_pa
                                                       + max(s["num_attention_heads"] for s in shapes) * cal.seq_len) * b
             if st.method == "distill":
                 mem["dense_copy"] = source.params * b
-        for mode, parts in (("in_memory", mem), ("layerwise", lw)):
+        candidates = [("in_memory", mem), ("layerwise", lw)]
+        if st.type == "layer_drop" and st.reconstruct == "least_squares":  # the solve runs with no layer loaded
+            candidates.append(("layerwise", dict(lw, weights=0)))
+            lw["grams"] = 0  # ... and the sweep holds a layer without the solve
+        for mode, parts in candidates:
             if sum(parts.values()) > best[mode].total:
                 best[mode] = MemoryEstimate(mode, parts, f"{k}:{st.type}")
     return best

@@ -25,10 +25,10 @@ def test_weights_and_grams_to_the_byte():
     est = _estimate("  - {type: neuron_prune, prune_ratio: 0.25, score: activation, align: 8}\n")
     mem, lw = est["in_memory"].parts, est["layerwise"].parts
     assert LAYER == 39040 and mem["weights"] == (3 * LAYER + NON_LAYER) * 4 == 517888
-    assert lw["weights"] == (LAYER + NON_LAYER) * 4 == 205568
-    solve = 5 * 96 * 96 * 8  # one fp64 solve's working set (memory.SOLVE_MATRICES matrices)
-    assert mem["grams"] == 3 * 96 * 96 * 4 + solve == 479232  # a down_proj Gram per layer, fp32
-    assert lw["grams"] == 96 * 96 * 4 + solve == 405504  # one layer's
+    assert lw["weights"] == LAYER * 4 == 156160  # the sweeps hold one decoder layer, no embeddings or lm_head
+    solve = 2 * 72 * 72 * 8  # one fp64 solve: the kept 72 x 72 block damped in place and its Cholesky factor
+    assert mem["grams"] == 3 * 96 * 96 * 4 + solve == 193536  # a down_proj Gram per layer, fp32
+    assert lw["grams"] == 96 * 96 * 4 + solve == 119808  # one layer's
     assert lw["activations"] >= 2 * 4 * 16 * 64 * 4  # two streams of every calibration token's hidden state
 
 
@@ -38,8 +38,26 @@ def test_sequential_and_taylor_terms():
     mem = est["in_memory"].parts
     params = 3 * LAYER + NON_LAYER
     assert mem["dense_copy"] == params * 4  # the model before the stage, kept for the repair targets
-    assert mem["grams"] == 5 * 128 * 128 * 8  # no whole-model Grams; one layer's paired fp64 Grams and solve
+    # no whole-model Grams; one layer's paired fp64 Grams (X^T X, X^T X', X'^T X'), the copy of X'^T X' the solve
+    # damps and its Cholesky factor (64 of 128 o_proj inputs kept)
+    assert mem["grams"] == (128 * 128 + 128 * 64 + 3 * 64 * 64) * 8 == 294912
+    lw = est["layerwise"].parts  # layer-wise: X'^T X', its factor and W X^T X' (out 64, k 64), no (in, in) matrix
+    assert lw["grams"] == (2 * 64 * 64 + 64 * 64) * 8
     assert mem["gradients"] == LAYER * 4  # one tensor's gradient at a time: the largest (a layer's worth here)
+
+
+def test_layer_drop_repair_solves_one_run_with_no_layer_loaded():
+    # the layer-wise peak of a repaired drop is its solve: C (96 x 96 MLP inputs) widened to fp64 and damped in
+    # place, its Cholesky factor, X^T D (96 x 64) in fp32 and fp64, the fp64 correction; no decoder layer loaded
+    solve = (2 * 96 * 96 + 2 * 96 * 64) * 8 + 96 * 64 * 4
+    lw = _estimate("  - {type: layer_drop, num_layers: 1}\n")["layerwise"]
+    assert lw.peak_stage == "0:layer_drop" and lw.parts["weights"] == 0 and lw.parts["grams"] == solve == 270336
+    # two dropped runs: the first run's correction E (64 x 96 fp32) is held while the second is solved
+    lw = _estimate("  - {type: layer_drop, num_layers: 2, protect_last: 0}\n")["layerwise"]
+    assert lw.parts["grams"] == solve + 64 * 96 * 4
+    # without repair the drop's sweeps hold one layer and no Gram
+    lw = _estimate("  - {type: layer_drop, num_layers: 1, reconstruct: none}\n")["layerwise"]
+    assert lw.parts["weights"] == LAYER * 4 and lw.parts["grams"] == 0
 
 
 def test_validate_warns_when_the_chosen_pipeline_does_not_fit(monkeypatch):

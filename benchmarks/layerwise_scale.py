@@ -173,7 +173,8 @@ def main() -> None:
         for mode in args.modes.split(","):
             layers = ["--layers", str(args.layers)] if args.layers else []
             proc = subprocess.run([sys.executable, "-m", "benchmarks.layerwise_scale", "--shape", args.shape, *layers,
-                                   "--tokens", str(args.tokens), "--threads", str(args.threads), "--child", str(model), mode, str(Path(tmp) / mode)],
+                                   "--tokens", str(args.tokens), "--threads", str(args.threads),
+                                   "--child", str(model), mode, str(Path(tmp) / mode)],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 result["runs"][mode] = {"error": proc.stderr.strip().splitlines()[-1:]}

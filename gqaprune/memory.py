@@ -140,7 +140,8 @@ def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_pa
     corrections = 0  # layer-wise: the layer-drop corrections, held from the repair sweep to the end
     first = recipe.stages[0] if recipe.stages else None
     if first is not None and first.type == "layer_drop" and first.reconstruct == "least_squares":
-        n_drop = first.num_layers if first.num_layers is not None else max(1, round(first.fraction * len(source.per_layer)))
+        n_layers = len(source.per_layer)
+        n_drop = first.num_layers if first.num_layers is not None else max(1, round(first.fraction * n_layers))
         inter = max(s["intermediate_size"] for s in source.per_layer)
         corrections = _drop_repair(inter, hidden, n_drop)[2]
     # the ends of a layer-wise run: embeddings (start) or final norm + lm_head (end), never with a decoder layer

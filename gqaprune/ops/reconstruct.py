@@ -56,8 +56,9 @@ def _solve(c_kk: torch.Tensor, wc_k: torch.Tensor, damp: float, *,
     a = c_kk if overwrite else c_kk.clone()
     a.diagonal().add_(lam)
     chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
-        return torch.cholesky_solve(wc_k.T, chol).T, lam, True
+    if int(info) == 0:  # X L L^T = B by two triangular solves (cholesky_solve would copy L column-major first)
+        y = torch.linalg.solve_triangular(chol, wc_k.T, upper=False)  # (|K|, out)
+        return torch.linalg.solve_triangular(chol.mT, y, upper=True).T, lam, True
     del chol
     # kept block not positive definite even after damping: least-norm solution
     return (torch.linalg.pinv(a) @ wc_k.T).T, lam, False
@@ -143,7 +144,8 @@ def residual_correction(c: torch.Tensor, cross: torch.Tensor, delta_sq: float,
     relative to ||D||^2: 1.0 before (nothing of D is reproduced), ||E X - D||^2 / ||D||^2 after, which with
     E A = cross^T (A = C + lambda I) is (||D||^2 - <cross^T, E> - lambda |E|^2) / ||D||^2."""
     assert c.dtype == torch.float64, c.dtype
-    cross_t = cross.detach().to(device="cpu", dtype=torch.float64).T  # (out, in)
+    # (out, in) row-major, so that its transpose is the column-major right-hand side the solves take without a copy
+    cross_t = cross.detach().T.to(device="cpu", dtype=torch.float64, memory_format=torch.contiguous_format)
     e, lam, exact = _solve(c, cross_t, damp, overwrite=True)  # c now holds A
     if exact:
         resid = delta_sq - float((e * cross_t).sum()) - lam * float(e.pow(2).sum())

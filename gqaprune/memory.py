@@ -10,8 +10,9 @@ that stage holds at once:
   recover stage holds gradients and two Adam moments (fp32) for every parameter;
 - grams: Gram matrices X^T X of the scored/repaired projection's inputs in fp32 (in-memory: one per layer at
   once; layer-wise: one layer's), plus the fp64 working set of the solve (gqaprune.ops.reconstruct): the kept
-  block damped in place and its Cholesky factor, 2 (k, k) with k the kept width; sequential repair adds its
-  statistics (in-memory: X^T X, X^T X' in fp64; layer-wise: only W X^T X' (out, k)); the OBS reconstruction
+  block damped in place and its Cholesky factor, 2 (k, k) with k the kept width, and the (out, k) right-hand
+  side and solution; sequential repair adds its statistics (in-memory: X^T X, X^T X' in fp64; layer-wise:
+  nothing more, W X^T X' is the right-hand side); the OBS reconstruction
   score inverts a damped (in, in) Gram (5 fp64 matrices). The layer-drop repair solves one dropped run at a
   time over the MLP width (2 fp64 (inter, inter), plus X^T D in fp32 and fp64 and the fp64 correction);
 - corrections: layer-wise, the layer-drop corrections E (hidden, inter) fp32 kept from the repair sweep to
@@ -35,6 +36,7 @@ from gqaprune.recipe import STAGE_SCORES
 GRAM_BYTES = 4  # float32 accumulation (gqaprune.scoring.stats)
 SOLVE_BYTES = 8  # float64 solves (gqaprune.ops.reconstruct)
 # fp64 (k, k) matrices alive during one least-squares solve: the kept block, damped in place, and its Cholesky factor
+# (plus the (out, k) right-hand side and solution)
 SOLVE_MATRICES = 2
 # fp64 (in, in) matrices of the OBS reconstruction score (gqaprune.scoring.obs): the widened Gram, the identity,
 # the damped sum and the pseudo-inverse with its SVD factors
@@ -94,9 +96,9 @@ def _prune_grams(st, score, sequential: bool, widths: list[int], kept: list[int]
     for w, k in zip(widths, kept):
         one = w * w * GRAM_BYTES if want_gram else 0
         obs = OBS_MATRICES * w * w * SOLVE_BYTES if "gram" in score.needs else 0
-        solve = SOLVE_MATRICES * k * k * SOLVE_BYTES if lsq else 0
-        if sequential:  # in memory: X^T X, X^T X' and X'^T X' (copied for the solve); layer-wise: W X^T X'
-            lw = max(lw, one + max(obs, solve + hidden * k * SOLVE_BYTES))
+        solve = (SOLVE_MATRICES * k * k + 2 * hidden * k) * SOLVE_BYTES if lsq else 0
+        if sequential:  # in memory: X^T X, X^T X' and X'^T X' (copied for the solve); layer-wise: W X^T X' (the rhs)
+            lw = max(lw, one + max(obs, solve))
             mem_seq = (w * w + w * k + k * k) * SOLVE_BYTES + solve
         else:
             lw = max(lw, one + max(obs, solve))

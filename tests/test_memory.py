@@ -26,9 +26,11 @@ def test_weights_and_grams_to_the_byte():
     mem, lw = est["in_memory"].parts, est["layerwise"].parts
     assert LAYER == 39040 and mem["weights"] == (3 * LAYER + NON_LAYER) * 4 == 517888
     assert lw["weights"] == LAYER * 4 == 156160  # the sweeps hold one decoder layer, no embeddings or lm_head
-    solve = 2 * 72 * 72 * 8  # one fp64 solve: the kept 72 x 72 block damped in place and its Cholesky factor
-    assert mem["grams"] == 3 * 96 * 96 * 4 + solve == 193536  # a down_proj Gram per layer, fp32
-    assert lw["grams"] == 96 * 96 * 4 + solve == 119808  # one layer's
+    # one fp64 solve: the kept 72 x 72 block damped in place, its Cholesky factor, the right-hand side W C[:, K]
+    # and the solution (64 x 72 each)
+    solve = (2 * 72 * 72 + 2 * 64 * 72) * 8
+    assert mem["grams"] == 3 * 96 * 96 * 4 + solve == 267264  # a down_proj Gram per layer, fp32
+    assert lw["grams"] == 96 * 96 * 4 + solve == 193536  # one layer's
     assert lw["activations"] >= 2 * 4 * 16 * 64 * 4  # two streams of every calibration token's hidden state
 
 
@@ -39,10 +41,11 @@ def test_sequential_and_taylor_terms():
     params = 3 * LAYER + NON_LAYER
     assert mem["dense_copy"] == params * 4  # the model before the stage, kept for the repair targets
     # no whole-model Grams; one layer's paired fp64 Grams (X^T X, X^T X', X'^T X'), the copy of X'^T X' the solve
-    # damps and its Cholesky factor (64 of 128 o_proj inputs kept)
-    assert mem["grams"] == (128 * 128 + 128 * 64 + 3 * 64 * 64) * 8 == 294912
-    lw = est["layerwise"].parts  # layer-wise: X'^T X', its factor and W X^T X' (out 64, k 64), no (in, in) matrix
-    assert lw["grams"] == (2 * 64 * 64 + 64 * 64) * 8
+    # damps, its Cholesky factor, the right-hand side and the solution (64 of 128 o_proj inputs kept, out 64)
+    solve = (2 * 64 * 64 + 2 * 64 * 64) * 8
+    assert mem["grams"] == (128 * 128 + 128 * 64 + 64 * 64) * 8 + solve == 360448
+    lw = est["layerwise"].parts  # layer-wise: X'^T X' damped, its factor, W X^T X' and the solution; no (in, in)
+    assert lw["grams"] == solve == 131072
     assert mem["gradients"] == LAYER * 4  # one tensor's gradient at a time: the largest (a layer's worth here)
 
 

@@ -13,7 +13,8 @@ Memory: the solves run in float64 (damped Grams of a few thousand tokens in ~10^
 badly conditioned in float32), but C may come in float32 (gqaprune.scoring.stats accumulates it so)
 and is never widened whole: products with it are taken a column block at a time, and the one float64
 (|K|, |K|) block a solve needs is damped in place (no identity matrix) and factored, so a solve holds
-two (|K|, |K|) float64 matrices, the block and its Cholesky factor. With A = C_KK + lambda I and the
+two (|K|, |K|) float64 matrices, the block and its Cholesky factor, plus the right-hand side and the
+solution (out, |K|) (two triangular solves, the second in place). With A = C_KK + lambda I and the
 solution W' A = B, tr(W' C_KK W'^T) = <B, W'> - lambda |W'|^2, so the errors need no Gram after the solve.
 """
 
@@ -58,7 +59,8 @@ def _solve(c_kk: torch.Tensor, wc_k: torch.Tensor, damp: float, *,
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:  # X L L^T = B by two triangular solves (cholesky_solve would copy L column-major first)
         y = torch.linalg.solve_triangular(chol, wc_k.T, upper=False)  # (|K|, out)
-        return torch.linalg.solve_triangular(chol.mT, y, upper=True).T, lam, True
+        torch.linalg.solve_triangular(chol.mT, y, upper=True, out=y)  # in place: y becomes X^T
+        return y.T, lam, True
     del chol
     # kept block not positive definite even after damping: least-norm solution
     return (torch.linalg.pinv(a) @ wc_k.T).T, lam, False

@@ -5,8 +5,9 @@
                                               # real.json are kept: the run resumes where it stopped)
     python -m benchmarks.real --render        # only rebuild results/real.md from results/real.json
 
-Held-out perplexity: calibration on builtin:pydoc's train split (8 windows x 128 tokens, seed 0), evaluation
-on the first 1,024 scored tokens of its validation split (no unit of it is in train) in windows of 256 tokens.
+Held-out perplexity: calibration on builtin:pydoc's train split (8 windows x 256 tokens, seed 0: more tokens
+than down_proj has inputs, so least squares does not lean on its damping), evaluation on the first 4,096 scored
+tokens of its validation split (no unit of it is in train) in windows of 256 tokens.
 Budgets are fractions of ALL parameters (134.5M, tied embeddings counted once) removed; each row reports what it
 actually removed. Rows run in priority order (the 25% headline first, then 15%, 5%, then the score matrix), so
 a run stopped by --minutes still has the headline.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -39,8 +41,8 @@ from gqaprune.stages.neuron_prune import NeuronPrune
 
 RESULTS = Path(__file__).parent / "results"
 JSON = RESULTS / "real.json"  # --part N writes real_partN.json: parallel processes, merged by --render
-CALIB_SAMPLES, CALIB_LEN = 8, 128
-EVAL_TOKENS, EVAL_WINDOW, LONG_WINDOW = 1024, 256, 2048
+CALIB_SAMPLES, CALIB_LEN = 8, 256
+EVAL_TOKENS, EVAL_WINDOW, LONG_WINDOW = 4096, 256, 2048
 
 
 class Bench:
@@ -152,6 +154,13 @@ def headline_rows(bud: str) -> list:
             combined.append((f"{bud}|combined|gqaprune activation+LS {alloc} (query heads {{'keep_q_per_kv': 2}} + MLP "
                              "1024)", bud, "combined", gq_row([heads({"keep_q_per_kv": 2}, "activation", alloc=alloc),
                                                               mlp(1024, "activation", alloc=alloc)])))
+    if bud == "25%":  # the quick start recipe (recipes/quickstart.yaml), and the same with global allocation
+        for alloc in ("uniform", "global"):
+            combined.append((f"{bud}|combined|gqaprune quickstart recipe, {alloc} (drop 3 layers + query heads "
+                             "{'keep_q_per_kv': 2} + MLP 1152, taylor+LS)", bud, "combined",
+                             gq_row([dict(drop(3, "block_influence", "least_squares"), protect_first=1,
+                                          protect_last=1),
+                                     heads({"keep_q_per_kv": 2}, alloc=alloc), mlp(1152, alloc=alloc)])))
     rows = combined[:1]
     rows.append((f"{bud}|combined|FLAP", bud, "combined", flap_row(FLAP_FRACTION[bud])))
     if "tp_default" in spec:
@@ -183,13 +192,18 @@ def headline_rows(bud: str) -> list:
 
 
 def matrix_rows() -> list:
-    """Every score x allocation x repair on query heads (5%) and MLP channels (15%)."""
+    """Every score x allocation x repair on query heads (5%), KV groups (5%) and MLP channels (15%)."""
     rows = []
     for score in HEAD_SCORES:
         for alloc in ("uniform", "global") if score not in ("random", "truncate") else ("uniform",):
             for rec in ("least_squares", "none"):
                 rows.append((f"5%|heads|gqaprune {score} {rec} {alloc}", "5%", "heads",
                              gq_row([heads({"keep_q_per_kv": 2}, score, rec, alloc)])))
+    for score in HEAD_SCORES:
+        for alloc in ("uniform", "global") if score not in ("random", "truncate") else ("uniform",):
+            for rec in ("least_squares", "none"):
+                rows.append((f"5%|groups|gqaprune {score} {rec} {alloc}", "5%", "groups",
+                             gq_row([heads({"keep_kv_heads": 2}, score, rec, alloc)])))
     for score in MLP_SCORES:
         for alloc in ("uniform", "global") if score in ("taylor", "activation") else ("uniform",):
             for rec in ("least_squares", "none"):
@@ -240,7 +254,7 @@ def run(minutes: float, only: str | None, path: Path = JSON) -> dict:
             row = {"ppl": b.ppl(m), "removed": 1 - params(m) / b.dense_params}
         except Exception as e:  # a peer that cannot do it: recorded, not fatal
             row = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
-        row.update(budget=bud, axis=axis, seconds=round(time.perf_counter() - t0, 1))
+        row.update(budget=bud, axis=axis, seconds=round(time.perf_counter() - t0, 1), load=round(os.getloadavg()[0], 1))
         res["rows"][key] = row
         save()
         print(f"[{(time.perf_counter() - t_start) / 60:5.1f} min] {key}: {row}", flush=True)
@@ -265,15 +279,20 @@ def long_context(res: dict, path: Path = JSON) -> None:
 
 def best_key(res: dict, bud: str) -> str | None:
     cands = [(r["ppl"], k) for k, r in res["rows"].items()
-             if r.get("budget") == bud and "gqaprune" in k and "ppl" in r and r["axis"] == "combined"]
+             if r.get("budget") == bud and "gqaprune" in k and "ppl" in r]
     return min(cands)[1] if cands else None
+
+
+def load_range(res: dict) -> str:
+    loads = [r["load"] for r in res["rows"].values() if "load" in r]
+    return f"{min(loads):.1f}-{max(loads):.1f}" if loads else "not recorded"
 
 
 def render(res: dict) -> str:
     dense = res["dense"]
     out = ["## Real model: SmolLM2-135M (one-shot, held-out perplexity; lower is better)", "",
-           f"`python -m benchmarks.real` — {res['seconds'] / 60:.0f} process-minutes on this machine (2 cores shared with "
-           "other jobs, load 7-14; rows split over processes with --part); "
+           f"`python -m benchmarks.real` — {res['seconds'] / 60:.0f} process-minutes on this machine (2 cores; "
+           f"1-minute load average {load_range(res)} while the rows ran, so row seconds are not timings); "
            f"model {res['dense_params']:,} parameters; calibration {res['calibration']}; evaluation on the first "
            f"{res['eval_tokens']} tokens of builtin:pydoc's validation split (never calibrated on) in "
            f"{res['eval_window']}-token windows. Dense perplexity **{dense:.2f}**. `removed` is the share of all "

@@ -217,11 +217,11 @@ def _save_and_reload(model, adapter, tokenizer, awq_cfg, recipe, tmp: Path, prob
     runtime.device_map, offloading into ``offload_default``) and compare logits on ``probe``.
     Returns (reloaded model, {"kind", "loader", "params_after", "per_layer", "hidden_size"}, report["roundtrip"],
     report["awq"])."""
-    from gqaprune.io.checkpoint import save_model  # looked up at call time (tests replace it)
+    from gqaprune.io.checkpoint import cast_parameters, save_model  # looked up at call time (tests replace it)
 
     tmp.mkdir(parents=True)  # (creates the output's parent folders too)
     model.eval()
-    model.to(save_dtype)  # what is saved is exactly what the round trip compares against
+    cast_parameters(model, save_dtype)  # what is saved (and reloaded) is exactly what the round trip compares against
     with torch.no_grad():
         ref_logits = model(input_ids=probe.to(device), use_cache=False).logits.float().cpu()
     if awq_cfg is None:

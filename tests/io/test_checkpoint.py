@@ -239,6 +239,20 @@ def test_save_in_another_dtype(tmp_path):
     assert model_shapes(loaded, adapter) == EXPECTED_SHAPES
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_cast_parameters_gives_the_logits_of_a_fresh_load_in_that_dtype(tmp_path, family):
+    """The round trip casts the pruned model to the save dtype before its reference logits: that must be the model
+    from_pretrained builds from the saved folder, rotary inv_freq in float32 included (model.to(bf16) casts it)."""
+    model = tiny_model(family, max_position_embeddings=512)
+    adapter = builtin_adapters()[family]
+    checkpoint.save_model(model, adapter, tmp_path, dtype="bfloat16")
+    fresh = checkpoint.load_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="eager")
+    x = torch.randint(0, model.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
+    checkpoint.cast_parameters(model, torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(_logits(model, x), _logits(fresh, x))
+
+
 def test_llama_uniform_heads_not_dividing_hidden_goes_per_layer(tmp_path):
     # 3 query heads (1 KV head) everywhere: 64 % 3 != 0, which LlamaConfig refuses
     model = tiny_model("llama")

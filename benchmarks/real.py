@@ -34,10 +34,7 @@ from gqaprune.io.checkpoint import load_pretrained
 from gqaprune.io.data import calibration_windows, token_stream
 from gqaprune.io.sources import load_tokenizer
 from gqaprune.ops.surgery import drop_layers
-from gqaprune.recipe import HeadPruneStage, LayerDropStage, NeuronPruneStage
-from gqaprune.stages.head_prune import HeadPrune
-from gqaprune.stages.layer_drop import LayerDrop
-from gqaprune.stages.neuron_prune import NeuronPrune
+from gqaprune.stages import STAGES
 
 RESULTS = Path(__file__).parent / "results"
 JSON = RESULTS / "real.json"  # --part N writes real_partN.json: parallel processes, merged by --render
@@ -62,11 +59,9 @@ class Bench:
 
     def gq(self, model, stages: list[dict]):
         """gqaprune stages applied in order, each with its own calibration pass on the current model."""
-        kinds = {"head_prune": (HeadPrune, HeadPruneStage), "neuron_prune": (NeuronPrune, NeuronPruneStage),
-                 "layer_drop": (LayerDrop, LayerDropStage)}
         for st in stages:
-            cls, schema = kinds[st["type"]]
-            cls(schema(**st)).apply(context(model, self.calib, st))
+            cls = STAGES[st["type"]]
+            cls(cls.Config(**st)).apply(context(model, self.calib, st))
         return model
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from gqaprune.arch.adapter import Adapter, cfg_get, head_dim_of
 from gqaprune.recipe import STAGE_SCORES
+from gqaprune.schema import held_out_from
 
 GRAM_BYTES = 4  # float32 accumulation (gqaprune.scoring.stats)
 SOLVE_BYTES = 8  # float64 solves (gqaprune.ops.reconstruct)
@@ -86,24 +87,31 @@ def _role_width(stage_type: str, s: dict, head_dim: int) -> int:
     return s["num_attention_heads"] * head_dim if stage_type == "head_prune" else s["intermediate_size"]
 
 
-def _prune_grams(st, score, sequential: bool, widths: list[int], kept: list[int], hidden: int) -> tuple[int, int]:
+def _prune_grams(st, score, sequential: bool, widths: list[int], kept: list[int], hidden: int,
+                 held_tokens: int = 0) -> tuple[int, int]:
     """(in-memory, layer-wise) bytes of a head/neuron stage's Grams and solve working set; widths/kept: the
-    role's input width per layer before and after the stage."""
+    role's input width per layer before and after the stage; held_tokens: the held-out calibration tokens whose
+    inputs a one-shot repair keeps (fp32, beside each Gram), whose candidate solves hold one more (k, k) fp64
+    matrix (the fit block they are all solved from), one more (out, k) (the fit right-hand side) and the held-out
+    tokens' inputs and outputs in fp64."""
     want_gram = (st.reconstruct == "least_squares" and not sequential) or "gram" in score.needs
     lsq = st.reconstruct == "least_squares"
-    mem = sum(w * w for w in widths) * GRAM_BYTES if want_gram else 0
+    held = held_tokens if lsq and not sequential else 0
+    mem = sum(w * w + held * w for w in widths) * GRAM_BYTES if want_gram else 0
     lw = 0
     for w, k in zip(widths, kept):
-        one = w * w * GRAM_BYTES if want_gram else 0
+        one = (w * w + held * w) * GRAM_BYTES if want_gram else 0
         obs = OBS_MATRICES * w * w * SOLVE_BYTES if "gram" in score.needs else 0
-        solve = (SOLVE_MATRICES * k * k + 2 * hidden * k) * SOLVE_BYTES if lsq else 0
+        solve = ((SOLVE_MATRICES + (held > 0)) * k * k + (2 + (held > 0)) * hidden * k + held * (w + hidden)) \
+            * SOLVE_BYTES if lsq else 0
         if sequential:  # in memory: X^T X, X^T X' and X'^T X' (copied for the solve); layer-wise: W X^T X' (the rhs)
             lw = max(lw, one + max(obs, solve))
             mem_seq = (w * w + w * k + k * k) * SOLVE_BYTES + solve
         else:
             lw = max(lw, one + max(obs, solve))
             mem_seq = 0
-        mem = max(mem, (sum(x * x for x in widths) * GRAM_BYTES if want_gram else 0) + max(obs, solve, mem_seq))
+        mem = max(mem, (sum(x * x + held * x for x in widths) * GRAM_BYTES if want_gram else 0)
+                  + max(obs, solve, mem_seq))
     return mem, lw
 
 
@@ -169,7 +177,9 @@ def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_pa
             kept = [_role_width(st.type, s, hd) for s in plans[k + 1].per_layer]
             score = STAGE_SCORES[st.type][st.score]  # what the score reads, from the registry
             sequential = cal.sequential and st.reconstruct == "least_squares"
-            mem["grams"], lw["grams"] = _prune_grams(st, score, sequential, widths, kept, hidden)
+            held = held_out_from((cal.samples, cal.seq_len), st.reconstruct_holdout)
+            mem["grams"], lw["grams"] = _prune_grams(st, score, sequential, widths, kept, hidden,
+                                                     tokens - held if held is not None else 0)
             if sequential:
                 mem["dense_copy"] = params * b
                 lw["activations"] += tokens * max(widths) * b  # the dense inputs of the repaired projection

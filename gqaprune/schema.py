@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Reconstruct = Literal["least_squares", "none"]
+HOLDOUT_DEFAULT = 0.25
 RepairMode = Literal["none", "one_shot", "sequential"]
 
 
@@ -44,9 +45,35 @@ class Reconstructs(Strict):
                                     "matrix of the refit projection's kept inputs")
 
 
+class HeldOutReconstructs(Reconstructs):
+    """The ``reconstruct`` keys of head_prune and neuron_prune: their repair is damped toward the sliced weight,
+    and their one-shot repair can hold calibration windows out to choose the damping."""
+
+    reconstruct_damp: float = Field(0.01, gt=0, description="lambda as a fraction of the mean diagonal of the Gram "
+                                    "matrix of the refit projection's kept inputs; the refit minimises its output "
+                                    "error + lambda ||W' - W_K||^2, so a large lambda tends to plain slicing")
+
+    reconstruct_holdout: float = Field(
+        HOLDOUT_DEFAULT, ge=0, lt=1, description="one-shot repair: the fraction of the calibration windows held out "
+        "to choose, per projection, the damping (reconstruct_damp, 10, 100 or 1000 times it) or no refit at all, "
+        "whichever reproduces the held-out tokens' outputs best (then refitted on every window); 0: always refit "
+        "with reconstruct_damp. "
+        "Sequential repair (calibration.sequential) always uses reconstruct_damp")
+
+
 def repair_mode(calibration, reconstruct: str) -> RepairMode:
     """How a head or channel pruning stage repairs: not at all, once from the unpruned model's statistics
     (one_shot), or layer by layer from the already pruned prefix's inputs (sequential, calibration.sequential)."""
     if reconstruct == "none":
         return "none"
     return "sequential" if calibration.sequential else "one_shot"
+
+
+def held_out_from(calib_shape: tuple[int, int], fraction: float) -> int | None:
+    """The index of the first held-out calibration token (the last ``fraction`` of the N windows of T tokens,
+    at least one, never all), or None when nothing is held out."""
+    n, t = calib_shape
+    if fraction <= 0 or n < 2:
+        return None
+    held = min(n - 1, max(1, round(n * fraction)))
+    return (n - held) * t

@@ -22,7 +22,7 @@ def _estimate(stages: str, calibration: str = "{samples: 4, seq_len: 16, batch_s
 
 
 def test_weights_and_grams_to_the_byte():
-    est = _estimate("  - {type: neuron_prune, prune_ratio: 0.25, score: activation, align: 8}\n")
+    est = _estimate("  - {type: neuron_prune, prune_ratio: 0.25, score: activation, align: 8, reconstruct_holdout: 0}\n")
     mem, lw = est["in_memory"].parts, est["layerwise"].parts
     assert LAYER == 39040 and mem["weights"] == (3 * LAYER + NON_LAYER) * 4 == 517888
     assert lw["weights"] == LAYER * 4 == 156160  # the sweeps hold one decoder layer, no embeddings or lm_head
@@ -32,6 +32,18 @@ def test_weights_and_grams_to_the_byte():
     assert mem["grams"] == 3 * 96 * 96 * 4 + solve == 267264  # a down_proj Gram per layer, fp32
     assert lw["grams"] == 96 * 96 * 4 + solve == 193536  # one layer's
     assert lw["activations"] >= 2 * 4 * 16 * 64 * 4  # two streams of every calibration token's hidden state
+
+
+def test_held_out_repair_adds_the_held_out_inputs_and_one_solve_matrix():
+    est = _estimate("  - {type: neuron_prune, prune_ratio: 0.25, score: activation, align: 8}\n")  # holdout 0.25
+    mem, lw = est["in_memory"].parts, est["layerwise"].parts
+    held = 16  # one of the 4 windows of 16 tokens
+    # per layer, beside its fp32 Gram: the held-out tokens' 96 down_proj inputs (fp32); the solves: the fit block,
+    # the candidate's damped copy and its Cholesky factor (72 x 72), W C[:, K] and the solution (64 x 72), the
+    # held-out inputs and outputs in fp64 (16 x (96 + 64)), and the fit's right-hand side (64 x 72)
+    solve = (3 * 72 * 72 + 3 * 64 * 72 + held * (96 + 64)) * 8
+    assert mem["grams"] == 3 * (96 * 96 + held * 96) * 4 + solve == 384512
+    assert lw["grams"] == (96 * 96 + held * 96) * 4 + solve == 298496
 
 
 def test_sequential_and_taylor_terms():

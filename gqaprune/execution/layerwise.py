@@ -39,7 +39,7 @@ from gqaprune.arch.adapter import decoder_layers, get_module, head_dim_of, layer
 from gqaprune.context import RunContext
 from gqaprune.execution.weights import (SafetensorsFolder, ShardWriter, build_shell, cast_via, live_layers,
                                         load_non_layer, materialize_layer, release_layer, release_non_layer)
-from gqaprune.ops.reconstruct import repair, repair_paired_products, residual_correction
+from gqaprune.ops.reconstruct import repair_paired_products, residual_correction
 from gqaprune.ops.surgery import drop_layers, prune_channels, prune_heads
 from gqaprune.plan import check_layerwise_model
 from gqaprune.schema import repair_mode
@@ -51,6 +51,7 @@ from gqaprune.stages.head_prune import HeadPrune, choose_heads
 from gqaprune.stages.layer_drop import LayerDrop, contiguous_runs
 from gqaprune.stages.neuron_prune import NeuronPrune
 from gqaprune.stages.output_norms import layer_drop_reconstruct
+from gqaprune.stages.repair import hold_from, one_shot_repair, repair_choices
 
 
 class _Stop(Exception):
@@ -195,7 +196,8 @@ def layer_stats(ctx, sr: StageRun, j: int, layer, stream: Stream) -> tuple[Stats
     handles = attach_hooks(layer, stats, input_paths=watched, head_norm_paths=watched if "head_norm" in needs else [],
                            head_dim=head_dim_of(ctx.model.config, ctx.adapter), gram="gram" in needs,
                            fire_threshold=sr.cfg.frequency_threshold if "fire" in needs else None,
-                           prefix=f"{ctx.adapter.model.layers}.{j}.")
+                           prefix=f"{ctx.adapter.model.layers}.{j}.",
+                           hold_from=hold_from(sr.cfg, ctx.calib) if "gram" in needs else None)
     dense = []
     if sr.sequential:
         handles.append(get_module(layer, role).register_forward_pre_hook(
@@ -224,11 +226,12 @@ def _repair_layer(ctx, sr: StageRun, j: int, layer, w_old, cols, stats, dense, p
     if sr.sequential:
         w_cross, c_kept, den, slice_num = paired_products(w_old, cols, dense,
                                                           role_inputs(layer, sr.role(ctx.adapter), pruned_input))
-        new_w, err = repair_paired_products(w_old, w_cross, c_kept, den, c.reconstruct_damp)  # consumes c_kept
+        new_w, err = repair_paired_products(w_old, w_cross, c_kept, den, c.reconstruct_damp,
+                                             w_old[:, cols])  # consumes c_kept and w_cross
         err["rel_error_slice_dense_inputs"] = slice_num / max(den, 1e-300)
     else:
         path = role_paths(ctx.adapter, j, ["o" if sr.heads else "down"])["o" if sr.heads else "down"]
-        new_w, err = repair(w_old, stats.gram[path], cols, c.reconstruct_damp)
+        new_w, err = one_shot_repair(c, w_old, stats, path, cols)
     with torch.no_grad():
         mod.weight.copy_(new_w)
     return err
@@ -563,6 +566,7 @@ def prune_layerwise(recipe, model_dir, adapter, calib: torch.Tensor, folder, *, 
     for k, sr in enumerate(runs):
         entry = {"type": sr.cfg.type, "index": offset + k, "score": sr.cfg.score, "allocation": sr.cfg.allocation,
                  "reconstruct": sr.cfg.reconstruct, "sequential": sr.sequential, "layers": sr.layers,
+                 "repair_choices": repair_choices(sr.layers),
                  "params_before": non_layer + sr.layer_params[0], "params_after": non_layer + sr.layer_params[1],
                  "seconds": round(sr.seconds, 3)}
         if sr.heads:

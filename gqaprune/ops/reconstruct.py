@@ -47,15 +47,19 @@ def _times(w64: torch.Tensor, c: torch.Tensor, rows: torch.Tensor | None, cols: 
     return out
 
 
-def _solve(c_kk: torch.Tensor, wc_k: torch.Tensor, damp: float, *,
-           overwrite: bool = False) -> tuple[torch.Tensor, float, bool]:
-    """W_new = (W C[:, K]) (C[K,K] + lambda I)^-1 from wc_k = W C[:, K] (out, |K|) and the float64 block c_kk;
-    returns (W_new, lambda, whether the Cholesky solve succeeded). With ``overwrite`` c_kk is the caller's
-    scratch copy and is damped in place (it then holds C_KK + lambda I); otherwise it is copied once."""
+def _solve(c_kk: torch.Tensor, wc_k: torch.Tensor, damp: float, *, overwrite: bool = False,
+           prior: torch.Tensor | None = None) -> tuple[torch.Tensor, float, bool]:
+    """W_new = (W C[:, K] + lambda P) (C[K,K] + lambda I)^-1 from wc_k = W C[:, K] (out, |K|) and the float64
+    block c_kk: the minimiser of ||W X - W_new X_K||^2 + lambda ||W_new - P||^2, P = ``prior`` (out, |K|) or 0.
+    Returns (W_new, lambda, whether the Cholesky solve succeeded). With ``overwrite`` c_kk is the caller's
+    scratch copy and is damped in place (it then holds C_KK + lambda I), and wc_k, given a prior, becomes the
+    right-hand side W C[:, K] + lambda P; otherwise neither is modified."""
     assert c_kk.dtype == torch.float64 and c_kk.shape == (wc_k.shape[1], wc_k.shape[1]), (c_kk.shape, wc_k.shape)
     lam = damp * float(torch.diagonal(c_kk).mean().clamp_min(1e-12))
     a = c_kk if overwrite else c_kk.clone()
     a.diagonal().add_(lam)
+    if prior is not None:
+        wc_k = (wc_k if overwrite else wc_k.clone()).add_(prior.to(wc_k.dtype), alpha=lam)
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:  # X L L^T = B by two triangular solves (cholesky_solve would copy L column-major first)
         y = torch.linalg.solve_triangular(chol, wc_k.T, upper=False)  # (|K|, out)
@@ -97,8 +101,10 @@ def repair(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, damp: float = 0
     den = (wc_k * w_k).sum() + (_times(w64, c, None, removed) * w_r).sum()
     den = den.clamp_min(1e-300)
     err_slice = float((_times(w_r, c, removed, removed) * w_r).sum() / den)
-    new, lam, exact = _solve(_kept_block(c, keep), wc_k, damp, overwrite=True)
-    err_ls = float((den - (wc_k * new).sum() - lam * new.pow(2).sum()) / den) if exact else -1.0
+    new, lam, exact = _solve(_kept_block(c, keep), wc_k, damp, overwrite=True, prior=w_k)  # wc_k += lam W_K
+    # with the right-hand side R = W C[:,K] + lam W_K: den - 2<R - lam W_K, W'> + <R, W'> - lam |W'|^2
+    err_ls = float((den - (wc_k * new).sum() + lam * (2 * (w_k * new).sum() - new.pow(2).sum())) / den) \
+        if exact else -1.0
     del wc_k
     if not 0.0 <= err_ls <= err_slice:  # least-norm fallback or rounding: the direct formula
         d = w64.clone()
@@ -110,27 +116,34 @@ def repair(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, damp: float = 0
 
 
 def repair_paired(w: torch.Tensor, c_dense: torch.Tensor, cross: torch.Tensor, c_kept: torch.Tensor,
-                  damp: float = 0.01) -> tuple[torch.Tensor, dict]:
-    """Sequential repair: the kept weight W' minimizing ||W X - W' X'_K||^2.
+                  damp: float = 0.01, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Sequential repair: the kept weight W' minimizing ||W X - W' X'_K||^2 (+ lambda ||W' - W_K||^2 given the
+    kept inputs ``keep``, else + lambda ||W'||^2).
 
     X are the projection's inputs in the unpruned model, X'_K the kept inputs in the model whose
     earlier layers are already pruned. c_dense = X^T X (in, in), cross = X^T X'_K (in, k),
-    c_kept = X'_K^T X'_K (k, k), all float64; none is modified. W' = W cross (c_kept + lambda I)^-1.
+    c_kept = X'_K^T X'_K (k, k), all float64; none is modified. W' = (W cross + lambda W_K) (c_kept + lambda I)^-1.
     """
     w64 = w.detach().double().cpu()
     den = float((_times(w64, c_dense, None, None) * w64).sum())
-    return repair_paired_products(w, w64 @ cross, c_kept.clone(), den, damp)
+    prior = w64[:, keep.to(torch.long).cpu()] if keep is not None else None
+    return repair_paired_products(w, w64 @ cross, c_kept.clone(), den, damp, prior)
 
 
 def repair_paired_products(w: torch.Tensor, w_cross: torch.Tensor, c_kept: torch.Tensor, den: float,
-                           damp: float = 0.01) -> tuple[torch.Tensor, dict]:
+                           damp: float = 0.01, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """repair_paired from the products it needs: w_cross = W X^T X'_K (out, k) float64, c_kept = X'_K^T X'_K
-    (k, k) float64, *consumed* (damped in place), den = ||W X||^2. The error ||W X - W' X'_K||^2 / den is
-    den - 2<w_cross, W'> + tr(W' c_kept W'^T) with tr(W' c_kept W'^T) = <w_cross, W'> - lambda |W'|^2 for the
-    Cholesky solution (W' A = w_cross with A = c_kept + lambda I), and tr(W' A W'^T) - lambda |W'|^2 otherwise."""
-    new, lam, exact = _solve(c_kept, w_cross, damp, overwrite=True)  # c_kept now holds A
-    quad = (w_cross * new).sum() if exact else ((new @ c_kept) * new).sum()
-    num = den - 2 * float((w_cross * new).sum()) + float(quad - lam * new.pow(2).sum())
+    (k, k) float64, both *consumed* (damped in place, the prior added in place), den = ||W X||^2; ``prior`` the
+    sliced weight W_K (out, k) the damping pulls toward (None: toward 0). The error ||W X - W' X'_K||^2 / den is
+    den - 2<W X^T X'_K, W'> + tr(W' c_kept W'^T), with tr(W' c_kept W'^T) = <R, W'> - lambda |W'|^2 for the
+    Cholesky solution of W' A = R (A = c_kept + lambda I, R = w_cross + lambda W_K), and tr(W' A W'^T) -
+    lambda |W'|^2 otherwise."""
+    prior = prior.detach().double().cpu() if prior is not None else None
+    new, lam, exact = _solve(c_kept, w_cross, damp, overwrite=True, prior=prior)  # c_kept holds A, w_cross R
+    r_dot = float((w_cross * new).sum())
+    cross_dot = r_dot - (lam * float((prior * new).sum()) if prior is not None else 0.0)  # <W X^T X'_K, W'>
+    quad = r_dot if exact else float(((new @ c_kept) * new).sum())
+    num = den - 2 * cross_dot + quad - lam * float(new.pow(2).sum())
     return new.to(dtype=w.dtype, device=w.device), {"rel_error_lsq": num / max(den, 1e-300)}
 
 
@@ -165,3 +178,46 @@ def repair_residual(w: torch.Tensor, c: torch.Tensor, cross: torch.Tensor, delta
     (c is not modified)."""
     e, err = residual_correction(c.detach().to(device="cpu", dtype=torch.float64, copy=True), cross, delta_sq, damp)
     return (w.detach().double().cpu() + e.double()).to(dtype=w.dtype, device=w.device), err
+
+
+DAMP_GRID = (0.01, 0.1, 1.0, 10.0)  # the damping candidates a held-out repair tries (fractions of the mean diagonal)
+
+
+def repair_held_out(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, held: torch.Tensor,
+                    grid: tuple[float, ...] = DAMP_GRID) -> tuple[torch.Tensor, dict]:
+    """One-shot repair that chooses its damping, or no refit at all, on calibration tokens it did not fit.
+
+    c = X^T X over all calibration tokens (in, in); held = X_h (tokens_h, in), the inputs of the held-out tokens
+    (also counted in c). Each damping of ``grid`` is fitted on the other tokens (C_fit = C - X_h^T X_h, formed on
+    the kept block only) and scored by its held-out relative error ||X_h W^T - X_hK W'^T||^2 / ||X_h W^T||^2;
+    plain slicing (W_K) is scored too. The winner is refitted on all tokens with its damping (slicing stays
+    slicing). With ~2,000 calibration tokens a refit of ~1,000 inputs can fit the calibration set and lose
+    elsewhere; this keeps it only where it generalises to held-out tokens."""
+    keep = keep.to(torch.long).cpu()
+    w64 = w.detach().double().cpu()
+    xh = held.detach().double().cpu()  # (tokens_h, in)
+    xh_k = xh[:, keep]
+    w_k = w64[:, keep]
+    y_h = xh @ w64.T  # (tokens_h, out): the held-out tokens' original outputs
+    den_h = float(y_h.pow(2).sum().clamp_min(1e-300))
+
+    def held_error(w_kept: torch.Tensor) -> float:
+        return float((y_h - xh_k @ w_kept.T).pow(2).sum()) / den_h
+
+    scores = {"slice": held_error(w_k)}
+    c_fit = _kept_block(c, keep)
+    c_fit.addmm_(xh_k.T, xh_k, alpha=-1.0)  # C_fit[K, K]
+    wc_fit = _times(w64, c, None, keep).addmm_(y_h.T, xh_k, alpha=-1.0)  # W C_fit[:, K] (out, |K|)
+    for damp in grid:
+        new, _, _ = _solve(c_fit, wc_fit, damp, prior=w_k)
+        scores[damp] = held_error(new)
+    del c_fit, wc_fit
+    best = min(scores, key=scores.get)
+    info = {"held_out_tokens": int(xh.shape[0]),
+            "held_out_rel_error": {str(k): v for k, v in scores.items()}, "damp_chosen": best}
+    if best == "slice":
+        sliced = w.detach()[:, keep.to(w.device)].clone()
+        err_slice = relative_error(w, c, keep, sliced)
+        return sliced, {"rel_error_slice": err_slice, "rel_error_lsq": err_slice, **info}
+    new, err = repair(w, c, keep, best)
+    return new, {**err, **info}

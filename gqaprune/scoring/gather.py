@@ -18,9 +18,10 @@ INPUT_ROLE = {"heads": "o", "channels": "down"}
 
 def gather_stats(needs: frozenset, model, adapter, calib: torch.Tensor, *, axis: str, unit: str = "group",
                  fire_threshold: float | None = None, batch_size: int = 8, progress: bool = True,
-                 desc: str = "scoring") -> Stats:
+                 desc: str = "scoring", hold_from: int | None = None) -> Stats:
     """The statistics ``needs`` (gqaprune.scoring.base.STATISTICS) for every decoder layer, in one pass
-    (plus one pass per unit for ablation). ``gram`` is also what a one-shot least-squares repair needs."""
+    (plus one pass per unit for ablation). ``gram`` is also what a one-shot least-squares repair needs;
+    ``hold_from`` (a token index) also keeps the inputs of the tokens from there on (Stats.held)."""
     n_layers = len(model_shapes(model, adapter))
     input_paths = [role_paths(adapter, i, [INPUT_ROLE[axis]])[INPUT_ROLE[axis]] for i in range(n_layers)]
     taylor_paths = []
@@ -33,7 +34,7 @@ def gather_stats(needs: frozenset, model, adapter, calib: torch.Tensor, *, axis:
         input_paths=input_paths if watch_inputs else [],
         head_norm_paths=input_paths if "head_norm" in needs else [], head_dim=head_dim_of(model.config, adapter),
         gram="gram" in needs, fire_threshold=fire_threshold if "fire" in needs else None,
-        batch_size=batch_size, progress=progress, desc=desc)
+        batch_size=batch_size, progress=progress, desc=desc, hold_from=hold_from if "gram" in needs else None)
     if "ablation" in needs:
         stats.ablation = ablation_scores(model, calib, _ablation_units(model, adapter, input_paths, unit),
                                          batch_size, progress, desc=f"{desc}, ablation")

@@ -43,6 +43,10 @@ class Stats:
     fire: dict[str, torch.Tensor] = field(default_factory=dict)  # input path -> (in,) count |x| > threshold
     gram: dict[str, torch.Tensor] = field(default_factory=dict)  # input path -> (in, in) float32
     ablation: dict[str, torch.Tensor] = field(default_factory=dict)  # o path -> (units,) loss increase
+    # input path -> [(tokens, in)] the inputs of the held-out calibration tokens (attach_hooks' hold_from), which
+    # a one-shot repair scores its candidates on (gqaprune.ops.reconstruct.repair_held_out); also in ``gram``
+    held: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    seen: dict[str, int] = field(default_factory=dict)  # input path -> tokens its hook has seen (held-out split)
     tokens: int = 0
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
@@ -67,9 +71,11 @@ def role_paths(adapter: Adapter, layer_idx: int, roles: list[str]) -> dict[str, 
 def attach_hooks(root: nn.Module, stats: Stats, *, taylor_paths: list[str] = (), taylor2: bool = False,
                  input_paths: list[str] = (), head_norm_paths: list[str] = (), head_dim: int | None = None,
                  gram: bool = False, fire_threshold: float | None = None,
-                 gram_dtype: torch.dtype = torch.float32, prefix: str = "") -> list:
+                 gram_dtype: torch.dtype = torch.float32, prefix: str = "", hold_from: int | None = None) -> list:
     """Hooks on the modules under ``root`` (paths relative to it) that add into ``stats``; returns the handles.
     Input statistics are keyed ``prefix + path`` (a layer's hooks can then use the model's paths).
+    With ``gram`` and ``hold_from``, the inputs of every token from the ``hold_from``-th on (in the order the
+    batches arrive: windows in order, each window's tokens in order) are also kept in ``stats.held``.
 
     Taylor terms need a backward pass through ``root``; the input statistics need only forward passes."""
     handles = []
@@ -120,6 +126,12 @@ def attach_hooks(root: nn.Module, stats: Stats, *, taylor_paths: list[str] = (),
                     g = stats.gram[path] = torch.zeros(x.shape[1], x.shape[1], dtype=gram_dtype, device=x.device)
                 xg = x.to(gram_dtype)
                 g.addmm_(xg.T, xg)
+                if hold_from is not None:
+                    seen = stats.seen.get(path, 0)
+                    stats.seen[path] = seen + x.shape[0]
+                    first = max(0, hold_from - seen)  # the batch's first held-out row
+                    if first < x.shape[0]:
+                        stats.held.setdefault(path, []).append(xg[first:].clone())
         return hook
 
     for path in input_paths:
@@ -143,7 +155,8 @@ def run_batches(model: nn.Module, batches: torch.Tensor, stats: Stats, need_grad
 def collect_stats(model: nn.Module, batches: torch.Tensor, *, taylor_paths: list[str] = (), taylor2: bool = False,
                   input_paths: list[str] = (), head_norm_paths: list[str] = (), head_dim: int | None = None,
                   gram: bool = False, fire_threshold: float | None = None, batch_size: int = 8,
-                  progress: bool = True, desc: str = "scoring", gram_dtype: torch.dtype = torch.float32) -> Stats:
+                  progress: bool = True, desc: str = "scoring", gram_dtype: torch.dtype = torch.float32,
+                  hold_from: int | None = None) -> Stats:
     """One pass over ``batches`` (N, T) collecting what the scores need (paths relative to ``model``)."""
     stats = Stats()
     if not taylor_paths and not input_paths:  # nothing to watch (magnitude, random, ablation without repair)
@@ -155,7 +168,7 @@ def collect_stats(model: nn.Module, batches: torch.Tensor, *, taylor_paths: list
         p.requires_grad_(False)
     handles = attach_hooks(model, stats, taylor_paths=taylor_paths, taylor2=taylor2, input_paths=input_paths,
                            head_norm_paths=head_norm_paths, head_dim=head_dim, gram=gram,
-                           fire_threshold=fire_threshold, gram_dtype=gram_dtype)
+                           fire_threshold=fire_threshold, gram_dtype=gram_dtype, hold_from=hold_from)
     was_training = model.training
     model.eval()
     try:

@@ -17,10 +17,10 @@ from pydantic import Field, model_validator
 from gqaprune.arch.adapter import decoder_layers, get_module, head_dim_of, layer_shape, model_shapes
 from gqaprune.context import RunContext
 from gqaprune.errors import InputError
-from gqaprune.ops.reconstruct import relative_error, repair, repair_paired
+from gqaprune.ops.reconstruct import relative_error, repair_paired
 from gqaprune.ops.sequential import paired_grams
 from gqaprune.ops.surgery import prune_heads
-from gqaprune.schema import Reconstructs, one_of, repair_mode
+from gqaprune.schema import HeldOutReconstructs, one_of, repair_mode
 from gqaprune.scoring.base import LayerInput
 from gqaprune.scoring.gather import gather_stats
 from gqaprune.scoring.hidden import layer_distances, layer_input_sq_norms
@@ -29,9 +29,10 @@ from gqaprune.scoring.stats import role_paths
 from gqaprune.stages.amounts import heads_removed, protected, spread
 from gqaprune.stages.base import PlanInput, Planned, Stage
 from gqaprune.stages.output_norms import check_output_norms
+from gqaprune.stages.repair import hold_from, one_shot_repair, repair_choices
 
 
-class HeadPruneStage(Reconstructs):
+class HeadPruneStage(HeldOutReconstructs):
     type: Literal["head_prune"]
     unit: Literal["group", "query_head"] = "group"
     prune_ratio: float | None = Field(None, gt=0, lt=1)
@@ -182,7 +183,8 @@ class HeadPrune(Stage):
         score = HEAD_SCORES[c.score]
         needs = score.needs | ({"gram"} if mode == "one_shot" else set())  # one-shot repair solves from C
         stats = gather_stats(needs, model, adapter, ctx.calib, axis="heads", unit=c.unit, batch_size=ctx.batch_size,
-                             progress=ctx.progress, desc=f"head scores ({c.score})")
+                             progress=ctx.progress, desc=f"head scores ({c.score})",
+                             hold_from=hold_from(c, ctx.calib))
         scores = {i: self.layer_scores(ctx, stats, i) for i in range(n_layers)}
         sequential = mode == "sequential"
         dense = copy.deepcopy(model).eval() if sequential else None  # targets: the model before this stage
@@ -211,14 +213,14 @@ class HeadPrune(Stage):
                     grams = paired_grams(dense, model, adapter, i, adapter.layer.o, ctx.calib, ctx.batch_size)
                     cols = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in kept_q])
                     slice_err = relative_error(w_old.cpu(), grams[0], cols, w_old.cpu()[:, cols])
-                    new_w, err = repair_paired(w_old, *grams, c.reconstruct_damp)
+                    new_w, err = repair_paired(w_old, *grams, c.reconstruct_damp, keep=cols)
                     err["rel_error_slice_dense_inputs"] = slice_err
                     with torch.no_grad():
                         get_module(layers[i], adapter.layer.o).weight.copy_(new_w)
                     entry.update(err)
                 elif mode == "one_shot":
                     cols = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in kept_q])
-                    new_w, err = repair(w_old, stats.gram[o_paths[i]], cols, c.reconstruct_damp)
+                    new_w, err = one_shot_repair(c, w_old, stats, o_paths[i], cols)
                     with torch.no_grad():
                         get_module(layers[i], adapter.layer.o).weight.copy_(new_w)
                     entry.update(err)
@@ -228,7 +230,7 @@ class HeadPrune(Stage):
         return {
             "unit": c.unit, "score": c.score, "allocation": c.allocation, "reconstruct": c.reconstruct,
             "removed_per_layer": [removals[i] for i in range(n_layers)],
-            "sequential": sequential,
+            "sequential": sequential, "repair_choices": repair_choices(per_layer),
             "scoring_seconds": round(stats.seconds, 3), "scoring_peak_rss_mb": round(stats.peak_rss_mb, 1),
             "layers": per_layer,
         }

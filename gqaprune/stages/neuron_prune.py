@@ -17,10 +17,10 @@ from pydantic import Field, model_validator
 
 from gqaprune.arch.adapter import decoder_layers, get_module, head_dim_of, layer_shape, model_shapes
 from gqaprune.context import RunContext
-from gqaprune.ops.reconstruct import relative_error, repair, repair_paired
+from gqaprune.ops.reconstruct import relative_error, repair_paired
 from gqaprune.ops.sequential import paired_grams
 from gqaprune.ops.surgery import prune_channels
-from gqaprune.schema import Reconstructs, one_of, repair_mode
+from gqaprune.schema import HeldOutReconstructs, one_of, repair_mode
 from gqaprune.scoring.base import LayerInput
 from gqaprune.scoring.gather import gather_stats
 from gqaprune.scoring.hidden import layer_input_sq_norms
@@ -29,9 +29,10 @@ from gqaprune.scoring.stats import role_paths
 from gqaprune.stages.amounts import aligned_keep, protected
 from gqaprune.stages.base import PlanInput, Planned, Stage
 from gqaprune.stages.output_norms import check_output_norms
+from gqaprune.stages.repair import hold_from, one_shot_repair, repair_choices
 
 
-class NeuronPruneStage(Reconstructs):
+class NeuronPruneStage(HeldOutReconstructs):
     type: Literal["neuron_prune"]
     prune_ratio: float | None = Field(None, gt=0, lt=1)
     keep: int | None = Field(None, ge=1)
@@ -114,7 +115,8 @@ class NeuronPrune(Stage):
         mode = repair_mode(ctx.recipe.calibration, c.reconstruct)
         needs = CHANNEL_SCORES[c.score].needs | ({"gram"} if mode == "one_shot" else set())
         stats = gather_stats(needs, model, adapter, ctx.calib, axis="channels", fire_threshold=c.frequency_threshold,
-                             batch_size=ctx.batch_size, progress=ctx.progress, desc=f"channel scores ({c.score})")
+                             batch_size=ctx.batch_size, progress=ctx.progress, desc=f"channel scores ({c.score})",
+                             hold_from=hold_from(c, ctx.calib))
         scores = {i: self.layer_scores(ctx, stats, i, widths[i]).float() for i in range(n_layers)}
         sequential = mode == "sequential"
         dense = copy.deepcopy(model).eval() if sequential else None  # targets: the model before this stage
@@ -139,13 +141,13 @@ class NeuronPrune(Stage):
                 prune_channels(model, adapter, i, keep.tolist())
                 if sequential:
                     grams = paired_grams(dense, model, adapter, i, adapter.layer.down, ctx.calib, ctx.batch_size)
-                    new_w, err = repair_paired(w_old, *grams, c.reconstruct_damp)
+                    new_w, err = repair_paired(w_old, *grams, c.reconstruct_damp, keep=keep)
                     err["rel_error_slice_dense_inputs"] = relative_error(w_old.cpu(), grams[0], keep, w_old.cpu()[:, keep])
                     with torch.no_grad():
                         get_module(layers[i], adapter.layer.down).weight.copy_(new_w)
                     entry.update(err)
                 elif mode == "one_shot":
-                    new_w, err = repair(w_old, stats.gram[down_paths[i]], keep, c.reconstruct_damp)
+                    new_w, err = one_shot_repair(c, w_old, stats, down_paths[i], keep)
                     with torch.no_grad():
                         get_module(layers[i], adapter.layer.down).weight.copy_(new_w)
                     entry.update(err)
@@ -156,7 +158,7 @@ class NeuronPrune(Stage):
             per_layer.append(entry)
         return {
             "score": c.score, "allocation": c.allocation, "reconstruct": c.reconstruct, "align": c.align,
-            "sequential": sequential,
+            "sequential": sequential, "repair_choices": repair_choices(per_layer),
             "scoring_seconds": round(stats.seconds, 3), "scoring_peak_rss_mb": round(stats.peak_rss_mb, 1),
             "layers": per_layer,
         }

@@ -1,0 +1,55 @@
+"""The one-shot repair of head_prune and neuron_prune: the held-out choice, as the stages run it."""
+
+import pytest
+import torch
+
+from gqaprune.arch.adapter import resolve_adapter
+from gqaprune.context import RunContext
+from gqaprune.recipe import HeadPruneStage, NeuronPruneStage, Recipe
+from gqaprune.stages.head_prune import HeadPrune
+from gqaprune.stages.neuron_prune import NeuronPrune
+from gqaprune.stages.repair import damp_grid
+from tiny import tiny_model
+
+CHOICES = {"slice", *damp_grid(0.01)}
+
+
+def _ctx(model, stage: dict, sequential: bool = False):
+    recipe = Recipe(model="x", output="o", stages=[stage], calibration={"batch_size": 4, "sequential": sequential})
+    calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))  # 8 windows of 16 tokens
+    return RunContext(model=model, adapter=resolve_adapter("auto", model.config.architectures), tokenizer=None,
+                      recipe=recipe, calib=calib, progress=False)
+
+
+STAGES = [(NeuronPrune, NeuronPruneStage, {"type": "neuron_prune", "prune_ratio": 0.5, "align": 8}),
+          (HeadPrune, HeadPruneStage, {"type": "head_prune", "unit": "query_head", "keep_q_per_kv": 2})]
+
+
+@pytest.mark.parametrize("cls,config,stage", STAGES, ids=["neuron_prune", "head_prune"])
+def test_each_layer_chooses_on_the_last_quarter_of_the_windows(cls, config, stage):
+    rep = cls(config(**stage)).apply(_ctx(tiny_model("llama"), stage))
+    layers = [e for e in rep["layers"] if "rel_error_lsq" in e]
+    assert layers and all(e["held_out_tokens"] == 2 * 16 for e in layers)  # 2 of 8 windows
+    for e in layers:
+        assert e["damp_chosen"] in CHOICES
+        assert set(e["held_out_rel_error"]) == {str(c) for c in CHOICES}
+        best = min(e["held_out_rel_error"].values())
+        assert e["held_out_rel_error"][str(e["damp_chosen"])] == best
+        if e["damp_chosen"] == "slice":
+            assert e["rel_error_lsq"] == e["rel_error_slice"]
+    assert sum(rep["repair_choices"].values()) == len(layers)
+
+
+@pytest.mark.parametrize("holdout,sequential", [(0, False), (0.25, True)])
+def test_no_held_out_choice_without_holdout_or_in_sequential_repair(holdout, sequential):
+    stage = {**STAGES[0][2], "reconstruct_holdout": holdout}
+    rep = NeuronPrune(NeuronPruneStage(**stage)).apply(_ctx(tiny_model("llama"), stage, sequential))
+    assert rep["repair_choices"] is None
+    assert all("damp_chosen" not in e and "rel_error_lsq" in e for e in rep["layers"])
+
+
+def test_hidden_prune_has_no_holdout_key():
+    from gqaprune.recipe import HiddenPruneStage
+
+    with pytest.raises(ValueError, match="reconstruct_holdout"):
+        HiddenPruneStage(type="hidden_prune", prune_ratio=0.1, reconstruct_holdout=0.25)

@@ -12,12 +12,15 @@ model, calibration and evaluation as benchmarks/real.py:
   or no refit that reproduces the held-out tokens best, then is refitted on all 8 windows;
 and FLAP (benchmarks/peers/flap.py) at the setting's budget for reference.
 
-    python -m benchmarks.repair            # about 30 minutes on 2 cores; results/repair.json and repair.md
+    python -m benchmarks.repair            # about 40 minutes on 2 cores; results/repair.json and repair.md
+    python -m benchmarks.repair --only "^MLP 5%"   # resumes: rows already in results/repair.json are kept
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import time
 
 import torch
@@ -33,10 +36,13 @@ SETTINGS = [
     ("MLP 15% activation uniform", "15%", lambda r: [dict(mlp(1152, "activation"), **r)]),
     ("MLP 15% taylor uniform", "15%", lambda r: [dict(mlp(1152, "taylor"), **r)]),
     ("MLP 25% taylor uniform (the quick start)", "25%", lambda r: [dict(mlp(896, "taylor"), **r)]),
+    ("MLP 25% taylor global", "25%", lambda r: [dict(mlp(896, "taylor", alloc="global"), **r)]),
     ("query heads + MLP 25% activation global", "25%",
      lambda r: [dict(heads({"keep_q_per_kv": 2}, "activation", alloc="global"), **r),
                 dict(mlp(1024, "activation", alloc="global"), **r)]),
     ("query heads 5% taylor uniform", "5%", lambda r: [dict(heads({"keep_q_per_kv": 2}, "taylor"), **r)]),
+    ("MLP 5% taylor global", "5%", lambda r: [dict(mlp(1408, "taylor", alloc="global"), **r)]),
+    ("MLP 5% activation uniform", "5%", lambda r: [dict(mlp(1408, "activation"), **r)]),
 ]
 VARIANTS = {
     "none": {"reconstruct": "none"},
@@ -47,9 +53,19 @@ VARIANTS = {
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", help="run only rows whose key ('setting|variant') matches this regular expression "
+                    "(the others are kept from results/repair.json)")
+    ap.add_argument("--render", action="store_true", help="only rewrite results/repair.md from the JSON")
+    args = ap.parse_args()
+    if args.render:
+        write_result("repair", render(json.loads(JSON.read_text())))
+        return
     torch.set_num_threads(2)
     b = Bench()
-    res = {"dense": b.ppl(b.fresh()), "dense_params": b.dense_params, "rows": {}}
+    res = json.loads(JSON.read_text()) if JSON.exists() else {"rows": {}}  # resumable: rows done are kept
+    res.setdefault("dense", b.ppl(b.fresh()))
+    res["dense_params"] = b.dense_params
     t_start = time.perf_counter()
 
     def save():
@@ -62,24 +78,28 @@ def main() -> None:
     jobs += [(f"FLAP {bud}|FLAP", bud, lambda m, bud=bud: flap_row(FLAP_FRACTION[bud])(b, m))
              for bud in ("15%", "25%", "5%")]
     for key, bud, build in jobs:
+        if key in res["rows"] or (args.only and not re.search(args.only, key)):
+            continue
         t0 = time.perf_counter()
         m = build(b.fresh())
         res["rows"][key] = {"ppl": b.ppl(m), "removed": 1 - params(m) / b.dense_params, "budget": bud,
                             "seconds": round(time.perf_counter() - t0, 1)}
         save()
         print(f"[{(time.perf_counter() - t_start) / 60:5.1f} min] {key}: {res['rows'][key]}", flush=True)
-    res["seconds"] = round(time.perf_counter() - t_start, 1)
+    res["seconds"] = round(res.get("seconds", 0.0) + time.perf_counter() - t_start, 1)
     save()
     write_result("repair", render(res))
 
 
 def render(res: dict) -> str:
+    def ppl(key: str):
+        return res["rows"].get(key, {}).get("ppl", "not run")
+
     rows = []
     for s, bud, _ in SETTINGS:
-        got = [res["rows"].get(f"{s}|{v}", {}).get("ppl", float("nan")) for v in VARIANTS]
-        removed = res["rows"].get(f"{s}|none", {}).get("removed", float("nan"))
-        flap = res["rows"].get(f"FLAP {bud}|FLAP", {}).get("ppl", float("nan"))
-        rows.append([s, f"{100 * removed:.1f}%", *got, flap])
+        removed = res["rows"].get(f"{s}|none", {}).get("removed")
+        rows.append([s, f"{100 * removed:.1f}%" if removed is not None else "-",
+                     *[ppl(f"{s}|{v}") for v in VARIANTS], ppl(f"FLAP {bud}|FLAP")])
     return (f"# Least-squares repair: held-out choice vs fixed damping (SmolLM2-135M, dense {res['dense']:.2f})\n\n"
             "Held-out perplexity (4,096 pydoc validation tokens, 256-token windows); calibration 8 x 256 tokens; "
             "`python -m benchmarks.repair`.\n\n"

@@ -57,8 +57,7 @@ class HeldOutReconstructs(Reconstructs):
         HOLDOUT_DEFAULT, ge=0, lt=1, description="one-shot repair: the fraction of the calibration windows held out "
         "to choose, per projection, the damping (reconstruct_damp, 10, 100 or 1000 times it) or no refit at all, "
         "whichever reproduces the held-out tokens' outputs best (then refitted on every window); 0: always refit "
-        "with reconstruct_damp. "
-        "Sequential repair (calibration.sequential) always uses reconstruct_damp")
+        "with reconstruct_damp. Sequential repair (calibration.sequential) always uses reconstruct_damp")
 
 
 def repair_mode(calibration, reconstruct: str) -> RepairMode:

@@ -197,7 +197,8 @@ def layer_stats(ctx, sr: StageRun, j: int, layer, stream: Stream) -> tuple[Stats
                            head_dim=head_dim_of(ctx.model.config, ctx.adapter), gram="gram" in needs,
                            fire_threshold=sr.cfg.frequency_threshold if "fire" in needs else None,
                            prefix=f"{ctx.adapter.model.layers}.{j}.",
-                           hold_from=hold_from(sr.cfg, ctx.calib) if "gram" in needs else None)
+                           hold_from=hold_from(sr.cfg, ctx.calib,
+                                               repair_mode(ctx.recipe.calibration, sr.cfg.reconstruct)))
     dense = []
     if sr.sequential:
         handles.append(get_module(layer, role).register_forward_pre_hook(

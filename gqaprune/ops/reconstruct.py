@@ -180,15 +180,19 @@ def repair_residual(w: torch.Tensor, c: torch.Tensor, cross: torch.Tensor, delta
     return (w.detach().double().cpu() + e.double()).to(dtype=w.dtype, device=w.device), err
 
 
-DAMP_GRID = (0.01, 0.1, 1.0, 10.0)  # the damping candidates a held-out repair tries (fractions of the mean diagonal)
+def damp_grid(damp: float) -> tuple[float, ...]:
+    """The dampings a held-out choice tries: ``damp`` (a stage's reconstruct_damp), and 10, 100 and 1000 times it
+    (SmolLM2-135M, 15% of MLP channels by activation, every layer at one damping: 0.01 53.82, 0.1 44.14,
+    1 43.43, 10 45.00 held-out perplexity; no refit 47.94)."""
+    return (damp, 10 * damp, 100 * damp, 1000 * damp)
 
 
 def repair_held_out(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, held: torch.Tensor,
-                    grid: tuple[float, ...] = DAMP_GRID) -> tuple[torch.Tensor, dict]:
+                    damp: float = 0.01) -> tuple[torch.Tensor, dict]:
     """One-shot repair that chooses its damping, or no refit at all, on calibration tokens it did not fit.
 
     c = X^T X over all calibration tokens (in, in); held = X_h (tokens_h, in), the inputs of the held-out tokens
-    (also counted in c). Each damping of ``grid`` is fitted on the other tokens (C_fit = C - X_h^T X_h, formed on
+    (also counted in c). Each damping of damp_grid(damp) is fitted on the other tokens (C_fit = C - X_h^T X_h, formed on
     the kept block only) and scored by its held-out relative error ||X_h W^T - X_hK W'^T||^2 / ||X_h W^T||^2;
     plain slicing (W_K) is scored too. The winner is refitted on all tokens with its damping (slicing stays
     slicing). With ~2,000 calibration tokens a refit of ~1,000 inputs can fit the calibration set and lose
@@ -208,9 +212,9 @@ def repair_held_out(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, held: 
     c_fit = _kept_block(c, keep)
     c_fit.addmm_(xh_k.T, xh_k, alpha=-1.0)  # C_fit[K, K]
     wc_fit = _times(w64, c, None, keep).addmm_(y_h.T, xh_k, alpha=-1.0)  # W C_fit[:, K] (out, |K|)
-    for damp in grid:
-        new, _, _ = _solve(c_fit, wc_fit, damp, prior=w_k)
-        scores[damp] = held_error(new)
+    for candidate in damp_grid(damp):
+        new, _, _ = _solve(c_fit, wc_fit, candidate, prior=w_k)
+        scores[candidate] = held_error(new)
     del c_fit, wc_fit
     best = min(scores, key=scores.get)
     info = {"held_out_tokens": int(xh.shape[0]),

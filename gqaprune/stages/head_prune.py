@@ -184,7 +184,7 @@ class HeadPrune(Stage):
         needs = score.needs | ({"gram"} if mode == "one_shot" else set())  # one-shot repair solves from C
         stats = gather_stats(needs, model, adapter, ctx.calib, axis="heads", unit=c.unit, batch_size=ctx.batch_size,
                              progress=ctx.progress, desc=f"head scores ({c.score})",
-                             hold_from=hold_from(c, ctx.calib))
+                             hold_from=hold_from(c, ctx.calib, mode))
         scores = {i: self.layer_scores(ctx, stats, i) for i in range(n_layers)}
         sequential = mode == "sequential"
         dense = copy.deepcopy(model).eval() if sequential else None  # targets: the model before this stage

@@ -116,7 +116,7 @@ class NeuronPrune(Stage):
         needs = CHANNEL_SCORES[c.score].needs | ({"gram"} if mode == "one_shot" else set())
         stats = gather_stats(needs, model, adapter, ctx.calib, axis="channels", fire_threshold=c.frequency_threshold,
                              batch_size=ctx.batch_size, progress=ctx.progress, desc=f"channel scores ({c.score})",
-                             hold_from=hold_from(c, ctx.calib))
+                             hold_from=hold_from(c, ctx.calib, mode))
         scores = {i: self.layer_scores(ctx, stats, i, widths[i]).float() for i in range(n_layers)}
         sequential = mode == "sequential"
         dense = copy.deepcopy(model).eval() if sequential else None  # targets: the model before this stage

@@ -10,27 +10,21 @@ from __future__ import annotations
 import torch
 
 from gqaprune.ops.reconstruct import repair, repair_held_out
-from gqaprune.schema import held_out_from
+from gqaprune.schema import RepairMode, held_out_from
 from gqaprune.scoring.stats import Stats
 
 
-def hold_from(cfg, calib: torch.Tensor) -> int | None:
-    """The token index a scoring pass starts keeping held-out inputs at, for stage config ``cfg``."""
-    return held_out_from(tuple(calib.shape), cfg.reconstruct_holdout)
-
-
-def damp_grid(damp: float) -> tuple[float, ...]:
-    """The dampings a held-out choice tries: the stage's reconstruct_damp, and 10, 100 and 1000 times it
-    (SmolLM2-135M, 15% of MLP channels by activation, every layer at one damping: 0.01 53.82, 0.1 44.14,
-    1 43.43, 10 45.00 held-out perplexity; no refit 47.94)."""
-    return (damp, 10 * damp, 100 * damp, 1000 * damp)
+def hold_from(cfg, calib: torch.Tensor, mode: RepairMode) -> int | None:
+    """The token index a scoring pass starts keeping held-out inputs at, for stage config ``cfg`` repairing in
+    ``mode`` (None unless the repair is one-shot: a reconstruction score's Gram alone needs no held-out inputs)."""
+    return held_out_from(tuple(calib.shape), cfg.reconstruct_holdout) if mode == "one_shot" else None
 
 
 def one_shot_repair(cfg, w_old: torch.Tensor, stats: Stats, path: str, keep: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The repaired weight of projection ``path`` (w_old its weight before pruning, ``keep`` its kept inputs)."""
     held = stats.held.get(path)
     if held:
-        return repair_held_out(w_old, stats.gram[path], keep, torch.cat(held), damp_grid(cfg.reconstruct_damp))
+        return repair_held_out(w_old, stats.gram[path], keep, torch.cat(held), cfg.reconstruct_damp)
     return repair(w_old, stats.gram[path], keep, cfg.reconstruct_damp)
 
 

@@ -5,10 +5,11 @@ import torch
 
 from gqaprune.arch.adapter import resolve_adapter
 from gqaprune.context import RunContext
+from gqaprune.ops.reconstruct import damp_grid
 from gqaprune.recipe import HeadPruneStage, NeuronPruneStage, Recipe
 from gqaprune.stages.head_prune import HeadPrune
 from gqaprune.stages.neuron_prune import NeuronPrune
-from gqaprune.stages.repair import damp_grid
+from gqaprune.stages.repair import hold_from
 from tiny import tiny_model
 
 CHOICES = {"slice", *damp_grid(0.01)}
@@ -53,3 +54,11 @@ def test_hidden_prune_has_no_holdout_key():
 
     with pytest.raises(ValueError, match="reconstruct_holdout"):
         HiddenPruneStage(type="hidden_prune", prune_ratio=0.1, reconstruct_holdout=0.25)
+
+
+def test_only_a_one_shot_repair_keeps_held_out_inputs():
+    # a reconstruction score gathers Grams too; without a one-shot repair nothing reads held-out inputs
+    cfg = NeuronPruneStage(type="neuron_prune", prune_ratio=0.5, score="reconstruction")
+    calib = torch.zeros(8, 16, dtype=torch.long)
+    assert hold_from(cfg, calib, "one_shot") == 6 * 16
+    assert hold_from(cfg, calib, "sequential") is None and hold_from(cfg, calib, "none") is None

@@ -3,8 +3,9 @@
 Rows per budget: every score with and without least-squares repair (rotate none), activation with
 rotate: pca (repair on and off), and Torch-Pruning's hidden-size pruning (magnitude, taylor) at the same
 kept width. Same calibration windows and evaluation tokens for every row; no recovery. Kept widths are
-multiples of 8 (align 8). Rows are written to results/hidden_<model>.json as they finish (--resume skips
-rows already there) and rendered to results/hidden.md.
+multiples of 8 (align 8). Rows are written to results/hidden_<model>.json as they finish (a rerun skips
+rows already there; --remeasure re-runs stored rows and shows the old result beside the new) and rendered to
+results/hidden.md.
 
     python -m benchmarks.hidden --model builtin:tiny-llama
     python -m benchmarks.hidden --model path/to/hf-folder --name smollm2-135m --samples 16 --eval-tokens 8192
@@ -89,8 +90,12 @@ def render() -> str:
             rows.append([f"{r['ratio']:.0%}", how, f"{r['hidden_size_before']} -> {r['hidden_size']}",
                          f"{r['params']:,}" + (" (head untied)" if r.get("untied_lm_head") else ""),
                          f"{r['ppl']:.2f}", f"{r['ppl'] / data['dense_ppl']:.2f}x", err, r["seconds"]])
+            before = data.get("before", {}).get(key(r))
+            rows[-1].append(f"{before['ppl']:.2f}" if before else "")
         parts.append(table(["removed", "method", "hidden", "params", "ppl", "vs dense", "reader error slice -> lsq",
-                            "s"], rows))
+                            "s", "ppl before"], rows))
+        if data.get("before"):
+            parts.append(f"\n'ppl before': {data.get('before_note', 'the same row before a code change')}.\n")
     return "\n".join(parts)
 
 
@@ -104,6 +109,10 @@ def main(argv=None):
     ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     ap.add_argument("--quick", action="store_true", help="activation only among the scores")
     ap.add_argument("--only", nargs="+", default=None, help="measure only rows whose key contains one of these")
+    ap.add_argument("--remeasure", nargs="+", default=None,
+                    help="re-run the stored rows whose key contains one of these after a code change, keeping each "
+                         "old result as the row's 'before' (shown beside the new one)")
+    ap.add_argument("--before-note", default=None, help="what the 'before' rows measured (rendered under the table)")
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args(argv)
     if args.render:
@@ -123,6 +132,11 @@ def main(argv=None):
                     hidden_size=dense.config.hidden_size, params=sum(p.numel() for p in dense.parameters()),
                     samples=args.samples, eval_tokens=int(eval_tokens.numel()))
         print(f"dense ppl {data['dense_ppl']:.3f}", flush=True)
+    planned = {key(row) for ratio in args.ratios for row in rows_for(ratio, args.quick)
+               if not args.only or any(o in key(row) for o in args.only)}
+    for k in [k for k in data["rows"] if k in planned and args.remeasure and any(o in k for o in args.remeasure)]:
+        data.setdefault("before", {})[k] = data["rows"].pop(k)
+        data["before_note"] = args.before_note or data.get("before_note")
     for ratio in args.ratios:
         for row in rows_for(ratio, args.quick):
             if key(row) in data["rows"] or (args.only and not any(o in key(row) for o in args.only)):

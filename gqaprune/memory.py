@@ -13,7 +13,9 @@ that stage holds at once:
   block damped in place and its Cholesky factor, 2 (k, k) with k the kept width, and the (out, k) right-hand
   side and solution; sequential repair adds its statistics (in-memory: X^T X, X^T X' in fp64; layer-wise:
   nothing more, W X^T X' is the right-hand side); the OBS reconstruction
-  score inverts a damped (in, in) Gram (5 fp64 matrices). The layer-drop repair solves one dropped run at a
+  score inverts a damped (in, in) Gram (5 fp64 matrices). hidden_prune's reader refit holds the fp64 Gram triple
+  of one norm's readers (three with held-out windows: all, held-out, fitting) and its widest reader's solve
+  (the LM head when untied), beside a copy of the model before slicing. The layer-drop repair solves one dropped run at a
   time over the MLP width (2 fp64 (inter, inter), plus X^T D in fp32 and fp64 and the fp64 correction);
 - corrections: layer-wise, the layer-drop corrections E (hidden, inter) fp32 kept from the repair sweep to
   the main sweep, one per dropped run (counted as one per dropped layer: an upper bound);
@@ -126,6 +128,15 @@ def _drop_repair(inter: int, hidden: int, n_drop: int) -> tuple[int, int, int]:
     return n_drop * stats + solve, solve + (n_drop - 1) * correction, n_drop * correction
 
 
+def _hidden_repair(hidden: int, kept: int, out: int, held: bool) -> int:
+    """hidden_prune's reader refit (gqaprune.ops.hidden): the fp64 Gram triple (X^T X, X^T X', X'^T X') of one
+    norm's readers over every token, and with held-out windows the held-out tokens' triple and the fitting one;
+    the widest reader's (``out`` rows) solve: the damped (k, k) block and its Cholesky factor, its weight W and
+    W_K, the right-hand side and the solution."""
+    triple = hidden * hidden + hidden * kept + kept * kept
+    return ((3 if held else 1) * triple + SOLVE_MATRICES * kept * kept + out * (hidden + 3 * kept)) * SOLVE_BYTES
+
+
 def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_params=None) -> dict[str, MemoryEstimate]:
     """Peak memory of ``recipe`` in both pipelines. ``plans``: gqaprune.plan.simulate's output (shapes before
     and after each stage); ``layer_params(shape) -> int`` counts one decoder layer's parameters (default: from
@@ -157,6 +168,12 @@ def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_pa
     # the ends of a layer-wise run: embeddings (start) or final norm + lm_head (end), never with a decoder layer
     embed = vocab * hidden
     head = non_layer - (0 if getattr(config, "tie_word_embeddings", False) else embed)
+    def _add_taylor(mem: dict, shapes: list[dict]) -> None:  # one gradient at a time, the backward's activations
+        mem["gradients"] = max(vocab * hidden, max(layer_params(s) for s in shapes)) * b
+        heads = max(s["num_attention_heads"] for s in shapes)
+        inter = max(s["intermediate_size"] for s in shapes)
+        mem["activations"] += len(shapes) * batch_tokens * (6 * hidden + 4 * inter + heads * cal.seq_len) * b
+
     best = {"in_memory": MemoryEstimate("in_memory"),
             "layerwise": MemoryEstimate("layerwise", {
                 "runtime": RUNTIME_BYTES, "weights": max(embed, head) * b, "corrections": corrections,
@@ -184,10 +201,19 @@ def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_pa
                 mem["dense_copy"] = params * b
                 lw["activations"] += tokens * max(widths) * b  # the dense inputs of the repaired projection
             if score.needs_gradients:
-                mem["gradients"] = max(vocab * hidden, max(layer_params(s) for s in shapes)) * b
-                heads = max(s["num_attention_heads"] for s in shapes)
-                inter = max(s["intermediate_size"] for s in shapes)
-                mem["activations"] += L * batch_tokens * (6 * hidden + 4 * inter + heads * cal.seq_len) * b
+                _add_taylor(mem, shapes)
+        elif st.type == "hidden_prune":
+            if st.score == "taylor":
+                _add_taylor(mem, shapes)
+            if st.reconstruct == "least_squares":
+                mem["dense_copy"] = params * b  # the model before slicing: the readers' targets
+                width, kept = plans[k].hidden_size or hidden, plans[k + 1].hidden_size
+                held = held_out_from((cal.samples, cal.seq_len), st.reconstruct_holdout) is not None
+                untied = st.rotate == "pca" or not getattr(config, "tie_word_embeddings", False)
+                widest = max([vocab] * untied + [max(s["num_attention_heads"], s["num_key_value_heads"]) * hd
+                                                 for s in shapes] + [s["intermediate_size"] for s in shapes])
+                mem["grams"] = _hidden_repair(width, kept, widest, held)
+                mem["activations"] += 2 * tokens * width * b  # every token's input to the layer, dense and sliced
         elif st.type == "layer_drop":
             inter = max(s["intermediate_size"] for s in shapes)
             mem["activations"] += (L + 1) * batch_tokens * hidden * 4

@@ -46,8 +46,9 @@ class Reconstructs(Strict):
 
 
 class HeldOutReconstructs(Reconstructs):
-    """The ``reconstruct`` keys of head_prune and neuron_prune: their repair is damped toward the sliced weight,
-    and their one-shot repair can hold calibration windows out to choose the damping."""
+    """The ``reconstruct`` keys of head_prune, neuron_prune and hidden_prune: their repair is damped toward the
+    sliced weight, and their one-shot repair (hidden_prune's layer-by-layer reader refit too) can hold
+    calibration windows out to choose the damping."""
 
     reconstruct_damp: float = Field(0.01, gt=0, description="lambda as a fraction of the mean diagonal of the Gram "
                                     "matrix of the refit projection's kept inputs; the refit minimises its output "
@@ -57,7 +58,8 @@ class HeldOutReconstructs(Reconstructs):
         HOLDOUT_DEFAULT, ge=0, lt=1, description="one-shot repair: the fraction of the calibration windows held out "
         "to choose, per projection, the damping (reconstruct_damp, 10, 100 or 1000 times it) or no refit at all, "
         "whichever reproduces the held-out tokens' outputs best (then refitted on every window); 0: always refit "
-        "with reconstruct_damp. Sequential repair (calibration.sequential) always uses reconstruct_damp")
+        "with reconstruct_damp. head_prune and neuron_prune's sequential repair (calibration.sequential) always uses "
+        "reconstruct_damp")
 
 
 def repair_mode(calibration, reconstruct: str) -> RepairMode:

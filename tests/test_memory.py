@@ -61,6 +61,18 @@ def test_sequential_and_taylor_terms():
     assert mem["gradients"] == LAYER * 4  # one tensor's gradient at a time: the largest (a layer's worth here)
 
 
+@pytest.mark.parametrize("holdout,triples", [(0.25, 3), (0, 1)])
+def test_hidden_repair_counts_the_dense_copy_and_the_reader_solve(holdout, triples):
+    est = _estimate(f"  - {{type: hidden_prune, prune_ratio: 0.25, align: 8, reconstruct_holdout: {holdout}}}\n")
+    mem = est["in_memory"].parts
+    assert mem["dense_copy"] == (3 * LAYER + NON_LAYER) * 4  # the model before slicing
+    # 48 of 64 channels kept; the fp64 triple X^T X, X^T X', X'^T X' (with held-out windows also the held-out and
+    # the fitting triples), the damped 48 x 48 block and its factor, and for the widest reader (q_proj, 128 rows;
+    # the untied head has 96) its weight (128 x 64), W_K, the right-hand side and the solution (128 x 48 each)
+    triple = 64 * 64 + 64 * 48 + 48 * 48
+    assert mem["grams"] == (triples * triple + 2 * 48 * 48 + 128 * 64 + 3 * 128 * 48) * 8
+
+
 def test_layer_drop_repair_solves_one_run_with_no_layer_loaded():
     # the layer-wise peak of a repaired drop is its solve: C (96 x 96 MLP inputs) widened to fp64 and damped in
     # place, its Cholesky factor, X^T D (96 x 64) in fp32 and fp64, the fp64 correction; no decoder layer loaded

@@ -15,7 +15,8 @@ Q keeps the all-ones direction, which PCA does not), so rotation refuses such mo
 
 ``repair_readers`` refits every reader, layer by layer, so that on the calibration tokens the already-pruned
 model's kept, renormalised inputs reproduce what the reader produced in the model before slicing
-(damped least squares; a reader keeps its plain slice when that is better).
+(least squares damped toward the plain slice; a reader keeps its plain slice when that is better, and with
+held-out windows each reader chooses its damping, or no refit, on tokens it was not fitted on).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gqaprune.arch.adapter import Adapter, decoder_layers, get_module, head_dim_of, set_module
-from gqaprune.ops.reconstruct import _solve
+from gqaprune.ops.reconstruct import _solve, damp_grid
+from gqaprune.schema import held_out_from
 from gqaprune.ops.surgery import slice_linear
 
 
@@ -325,38 +327,78 @@ def _reader_input(layer: nn.Module, path: str, h: torch.Tensor, kwargs: dict) ->
     return got["x"]
 
 
-def _refit(w: torch.Tensor, w_slice: torch.Tensor, grams: tuple, damp: float) -> tuple[torch.Tensor, dict]:
-    """The reader weight (out, k) best reproducing W X from X'_K: damped least squares or the plain slice,
-    whichever has the smaller relative error ||W X - W' X'||^2 / ||W X||^2 (both reported)."""
-    c_dense, cross, c_kept = grams  # X^T X (E, E), X^T X' (E, k), X'^T X' (k, k)
-    w64 = w.detach().double().cpu()
+def _paired_error(w64: torch.Tensor, grams: tuple, w_kept: torch.Tensor) -> float:
+    """||W X - W' X'||^2 / ||W X||^2 from the Gram triple (X^T X, X^T X', X'^T X') of some tokens."""
+    c_dense, cross, c_kept = grams
     target = torch.einsum("oi,ij,oj->", w64, c_dense, w64).clamp_min(1e-300)
+    return float((target - 2 * torch.einsum("oi,ik,ok->", w64, cross, w_kept)
+                  + torch.einsum("ok,kl,ol->", w_kept, c_kept, w_kept)) / target)
 
-    def err(wk):
-        return float((target - 2 * torch.einsum("oi,ik,ok->", w64, cross, wk)
-                      + torch.einsum("ok,kl,ol->", wk, c_kept, wk)) / target)
 
-    solved = _solve(c_kept, w64 @ cross, damp)[0]
-    e_slice, e_lsq = err(w_slice.detach().double().cpu()), err(solved)
-    best = solved if e_lsq < e_slice else w_slice.detach().double().cpu()
+def _refit(w: torch.Tensor, w_slice: torch.Tensor, grams: tuple, damp: float,
+           held: tuple | None = None, held_tokens: int = 0) -> tuple[torch.Tensor, dict]:
+    """The reader weight (out, k) best reproducing W X from X'_K: damped least squares (pulled toward the plain
+    slice W_K) or W_K itself, whichever has the smaller relative error ||W X - W' X'||^2 / ||W X||^2 (both
+    reported). ``grams`` = (X^T X (E, E), X^T X' (E, k), X'^T X' (k, k)) over every calibration token; with
+    ``held`` (the same triple over the held-out tokens, also counted in ``grams``) the damping, or no refit, is
+    first chosen by fitting on the other tokens and scoring on the held-out ones (as repair_held_out)."""
+    w64, w_k = w.detach().double().cpu(), w_slice.detach().double().cpu()
+    info: dict = {}
+    if held is not None:
+        fit = tuple(a - h for a, h in zip(grams, held))
+        wc_fit = w64 @ fit[1]
+        scores = {"slice": _paired_error(w64, held, w_k)}
+        for candidate in damp_grid(damp):
+            scores[candidate] = _paired_error(w64, held, _solve(fit[2], wc_fit, candidate, prior=w_k)[0])
+        damp = min(scores, key=scores.get)
+        info = {"held_out_tokens": held_tokens, "held_out_rel_error": {str(k): v for k, v in scores.items()},
+                "damp_chosen": damp}
+    e_slice = _paired_error(w64, grams, w_k)
+    if damp == "slice":
+        return w_slice.detach().clone(), {"rel_error_slice": e_slice, "rel_error_lsq": e_slice, **info}
+    solved = _solve(grams[2], w64 @ grams[1], damp, prior=w_k)[0]
+    e_lsq = _paired_error(w64, grams, solved)
+    best = solved if e_lsq < e_slice else w_k
     return best.to(dtype=w_slice.dtype, device=w_slice.device), {"rel_error_slice": e_slice,
-                                                                 "rel_error_lsq": min(e_lsq, e_slice)}
+                                                                 "rel_error_lsq": min(e_lsq, e_slice), **info}
 
 
-def _grams(dense_layer, layer, path, h_dense, h_pruned, kwargs) -> tuple:
-    c_dense = cross = c_kept = 0
-    for hd, hp, kw in zip(h_dense, h_pruned, kwargs):
-        x = _reader_input(dense_layer, path, hd, kw)  # (tokens, E)
-        xp = _reader_input(layer, path, hp, kw)  # (tokens, k)
-        c_dense, cross, c_kept = c_dense + x.T @ x, cross + x.T @ xp, c_kept + xp.T @ xp
-    return c_dense, cross, c_kept
+def _gram_triple(x: torch.Tensor, xp: torch.Tensor) -> tuple:
+    return x.T @ x, x.T @ xp, xp.T @ xp
+
+
+def _add(a: tuple | None, b: tuple) -> tuple:
+    return b if a is None else tuple(u + v for u, v in zip(a, b))
+
+
+def _accumulate(pairs, hold_from: int | None) -> tuple:
+    """(Gram triple over every token, the triple over the tokens from ``hold_from`` on or None, how many those
+    are) of ``pairs``: (X (tokens, E) dense inputs, X' (tokens, k) sliced inputs) batch by batch, in token order."""
+    every = held = None
+    start = n_held = 0  # the batch's first token index in the flattened calibration windows
+    for x, xp in pairs:
+        every = _add(every, _gram_triple(x, xp))
+        if hold_from is not None and start + x.shape[0] > hold_from:
+            first = max(0, hold_from - start)
+            held = _add(held, _gram_triple(x[first:], xp[first:]))
+            n_held += x.shape[0] - first
+        start += x.shape[0]
+    return every, held, n_held
+
+
+def _grams(dense_layer, layer, path, h_dense, h_pruned, kwargs, hold_from: int | None) -> tuple:
+    """_accumulate over reader ``path``'s inputs: X in the dense layer, X' in the sliced one."""
+    return _accumulate(((_reader_input(dense_layer, path, hd, kw), _reader_input(layer, path, hp, kw))
+                        for hd, hp, kw in zip(h_dense, h_pruned, kwargs)), hold_from)
 
 
 def repair_readers(dense: nn.Module, model: nn.Module, adapter: Adapter, calib: torch.Tensor, batch_size: int,
-                   damp: float = 0.01, progress: bool = True) -> dict:
+                   damp: float = 0.01, progress: bool = True, holdout: float = 0.0) -> dict:
     """Refit every reader of the sliced ``model`` layer by layer against ``dense`` (the same model before
-    slicing): layer l's solve sees the inputs the repaired layers < l produce. Returns per-layer errors."""
+    slicing): layer l's solve sees the inputs the repaired layers < l produce. With ``holdout`` > 0 the last
+    windows of ``calib`` choose each reader's damping, or no refit (``_refit``). Returns per-layer errors."""
     device = next(model.parameters()).device
+    hold_from = held_out_from(tuple(calib.shape), holdout)
     h_dense, h_pruned, kwargs = [], [], []
     with torch.no_grad():
         for b in range(0, calib.shape[0], batch_size):
@@ -372,10 +414,10 @@ def repair_readers(dense: nn.Module, model: nn.Module, adapter: Adapter, calib: 
         entry = {"layer": i}
         with torch.no_grad():
             for norm, readers in reader_groups(adapter):
-                grams = _grams(dense_layers[i], layers[i], readers[0], h_dense, h_pruned, kw_i)
+                grams, held, n_held = _grams(dense_layers[i], layers[i], readers[0], h_dense, h_pruned, kw_i, hold_from)
                 for path in readers:
                     lin = get_module(layers[i], path)
-                    new, errs = _refit(get_module(dense_layers[i], path).weight, lin.weight, grams, damp)
+                    new, errs = _refit(get_module(dense_layers[i], path).weight, lin.weight, grams, damp, held, n_held)
                     lin.weight.copy_(new)
                     entry[path] = errs
             h_dense = [_run_layer(dense_layers[i], h, kw) for h, kw in zip(h_dense, kw_i)]
@@ -385,10 +427,10 @@ def repair_readers(dense: nn.Module, model: nn.Module, adapter: Adapter, calib: 
     if not is_tied(model, adapter):  # a tied head is the embedding: refitting it would change the inputs too
         with torch.no_grad():
             dn, pn = get_module(dense, adapter.model.final_norm), get_module(model, adapter.model.final_norm)
-            xs = [(dn(hd).reshape(-1, hd.shape[-1]).double().cpu(), pn(hp).reshape(-1, hp.shape[-1]).double().cpu())
-                  for hd, hp in zip(h_dense, h_pruned)]
-            grams = (sum(x.T @ x for x, _ in xs), sum(x.T @ xp for x, xp in xs), sum(xp.T @ xp for _, xp in xs))
+            grams, held, n_held = _accumulate(
+                ((dn(hd).reshape(-1, hd.shape[-1]).double().cpu(), pn(hp).reshape(-1, hp.shape[-1]).double().cpu())
+                 for hd, hp in zip(h_dense, h_pruned)), hold_from)
             lin = get_module(model, adapter.model.lm_head)
-            new, head = _refit(get_module(dense, adapter.model.lm_head).weight, lin.weight, grams, damp)
+            new, head = _refit(get_module(dense, adapter.model.lm_head).weight, lin.weight, grams, damp, held, n_held)
             lin.weight.copy_(new)
     return {"layers": per_layer, "lm_head": head or "tied to the embedding: not refit"}

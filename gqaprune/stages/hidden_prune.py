@@ -23,13 +23,14 @@ from gqaprune.context import RunContext
 from gqaprune.ops.hidden import (is_tied, pca_rotation, prune_hidden, reader_groups, repair_readers, rotate_residual,
                                  rotation_problem, writers)
 from gqaprune.errors import InputError
-from gqaprune.schema import Reconstructs, one_of
+from gqaprune.schema import HeldOutReconstructs, one_of
 from gqaprune.scoring.stats import collect_stats
 from gqaprune.stages.amounts import aligned_keep
 from gqaprune.stages.base import PlanInput, Planned, Stage, unchanged
+from gqaprune.stages.repair import repair_choices
 
 
-class HiddenPruneStage(Reconstructs):
+class HiddenPruneStage(HeldOutReconstructs):
     type: Literal["hidden_prune"]
     prune_ratio: float | None = Field(None, gt=0, lt=1, description="fraction of hidden_size removed")
     keep: int | None = Field(None, ge=1, description="hidden_size kept")
@@ -140,7 +141,8 @@ class HiddenPrune(Stage):
         dense = copy.deepcopy(model).eval() if c.reconstruct == "least_squares" else None
         prune_hidden(model, adapter, keep)
         if dense is not None:
-            errors = repair_readers(dense, model, adapter, ctx.calib, ctx.batch_size, c.reconstruct_damp, ctx.progress)
+            errors = repair_readers(dense, model, adapter, ctx.calib, ctx.batch_size, c.reconstruct_damp, ctx.progress,
+                                    c.reconstruct_holdout)
             del dense
             entry["repair"] = _summarise(errors)
         entry["hidden_size_after"] = keep_n
@@ -150,10 +152,11 @@ class HiddenPrune(Stage):
 
 
 def _summarise(errors: dict) -> dict:
-    """Per-layer reader errors as they are, plus the mean over all readers (slice vs repaired)."""
+    """Per-layer reader errors as they are, the mean over all readers (slice vs repaired), and how many readers
+    kept each held-out choice (None without one)."""
     flat = [e for layer in errors["layers"] for k, e in layer.items() if k != "layer"]
     if isinstance(errors["lm_head"], dict):
         flat.append(errors["lm_head"])
     return {"mean_rel_error_slice": sum(e["rel_error_slice"] for e in flat) / len(flat),
             "mean_rel_error_lsq": sum(e["rel_error_lsq"] for e in flat) / len(flat),
-            "layers": errors["layers"], "lm_head": errors["lm_head"]}
+            "repair_choices": repair_choices(flat), "layers": errors["layers"], "lm_head": errors["lm_head"]}

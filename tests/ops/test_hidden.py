@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from gqaprune.arch.adapter import decoder_layers, get_module, resolve_adapter
-from gqaprune.ops.hidden import (is_tied, layer_norm_paths, norm_weight_offset, pca_rotation, prune_hidden,
-                                 repair_readers, subtracts_mean,
+from gqaprune.ops.hidden import (_accumulate, _refit, is_tied, layer_norm_paths, norm_weight_offset, pca_rotation,
+                                 prune_hidden, repair_readers, subtracts_mean,
                                  rotate_residual, rotation_problem, untie_lm_head, writers)
+from gqaprune.ops.reconstruct import damp_grid
 from tiny import FAMILIES, tiny_inputs, tiny_model
 
 RMS_FAMILIES = [f for f in FAMILIES if f not in ("phi", "gemma3")]  # gemma3: output norms refuse rotation
@@ -167,3 +168,78 @@ def test_repair_is_never_worse_than_slicing_and_lowers_the_error(family):
 
     assert dense_kl(model) < dense_kl(sliced)
     assert torch.isfinite(torch.tensor(loss(model)))
+
+
+def _paired_grams(x, xp):
+    return x.T @ x, x.T @ xp, xp.T @ xp
+
+
+def _direct_error(x, xp, w, w_kept) -> float:
+    y = x @ w.T
+    return float((y - xp @ w_kept.T).pow(2).sum() / y.pow(2).sum())
+
+
+def test_reader_refit_keeps_the_slice_when_a_refit_only_fits_the_calibration_tokens():
+    # the removed channels are independent of the kept ones, so W_K is the best kept weight anywhere; 40 fitting
+    # tokens in 48 kept dimensions let a refit reproduce them on the calibration tokens only
+    torch.manual_seed(3)
+    x = torch.randn(240, 64, dtype=torch.float64)
+    keep = torch.arange(48)
+    xp = x[:, keep] * 1.1  # renormalised over the kept channels
+    w = torch.randn(8, 64, dtype=torch.float64)
+    every, held = _paired_grams(x, xp), _paired_grams(x[40:], xp[40:])
+    overfit = _refit(w, w[:, keep], _paired_grams(x[:40], xp[:40]), 0.01)[0]
+    assert _direct_error(x[40:], xp[40:], w, overfit) > _direct_error(x[40:], xp[40:], w, w[:, keep])  # a real trap
+    new, info = _refit(w, w[:, keep], every, 0.01, held, 200)
+    assert info["damp_chosen"] == "slice" and info["held_out_tokens"] == 200
+    assert torch.equal(new, w[:, keep])
+    assert info["rel_error_lsq"] == info["rel_error_slice"] == pytest.approx(_direct_error(x, xp, w, w[:, keep]))
+
+
+def test_reader_refit_scores_each_damping_on_unseen_tokens_and_refits_the_winner_on_all():
+    torch.manual_seed(4)
+    base = torch.randn(600, 12, dtype=torch.float64)
+    x = torch.cat([base, base @ torch.randn(12, 4, dtype=torch.float64)], dim=1)  # removed inputs: linear in the kept
+    keep = torch.arange(12)
+    xp = x[:, keep] * 0.9
+    w = torch.randn(5, 16, dtype=torch.float64)
+    w_k = w[:, keep]
+    new, info = _refit(w, w_k, _paired_grams(x, xp), 0.01, _paired_grams(x[450:], xp[450:]), 150)
+    assert info["damp_chosen"] == 0.01
+    assert info["held_out_rel_error"]["0.01"] < 1e-3 < info["held_out_rel_error"]["slice"]
+
+    def explicit(xf, xpf, damp):  # (W X^T X' + lam W_K)(X'^T X' + lam I)^-1, lam = damp * mean diag
+        c_kept = xpf.T @ xpf
+        lam = damp * float(torch.diagonal(c_kept).mean())
+        return (w @ xf.T @ xpf + lam * w_k) @ torch.linalg.inv(c_kept + lam * torch.eye(12, dtype=torch.float64))
+
+    for damp in damp_grid(0.01):  # each candidate was fitted on the first 450 tokens only
+        held_err = _direct_error(x[450:], xp[450:], w, explicit(x[:450], xp[:450], damp))
+        assert info["held_out_rel_error"][str(damp)] == pytest.approx(held_err, rel=1e-6)
+    torch.testing.assert_close(new, explicit(x, xp, 0.01))
+    assert info["rel_error_lsq"] == pytest.approx(_direct_error(x, xp, w, new), abs=1e-9)
+
+
+def test_held_out_grams_count_the_tokens_from_hold_from_on_across_batches():
+    torch.manual_seed(5)
+    x, xp = torch.randn(40, 6, dtype=torch.float64), torch.randn(40, 4, dtype=torch.float64)
+    batches = [(x[s: s + 16], xp[s: s + 16]) for s in range(0, 40, 16)]  # 16, 16, 8 tokens
+    every, held, n_held = _accumulate(iter(batches), hold_from=24)  # starts inside the second batch
+    assert n_held == 16
+    for got, want in zip(every + held, _paired_grams(x, xp) + _paired_grams(x[24:], xp[24:])):
+        torch.testing.assert_close(got, want)
+    assert _accumulate(iter(batches), None)[1:] == (None, 0)
+
+
+def test_reader_repair_with_holdout_reports_a_choice_per_reader():
+    model, adapter = _model("llama", False)
+    calib = tiny_inputs(batch=8, seq=16, seed=5)
+    dense = copy.deepcopy(model)
+    prune_hidden(model, adapter, torch.tensor(KEEP))
+    report = repair_readers(dense, model, adapter, calib, batch_size=5, progress=False, holdout=0.25)
+    errs = [e for layer in report["layers"] for k, e in layer.items() if k != "layer"] + [report["lm_head"]]
+    assert len(errs) == 3 * 5 + 1
+    for e in errs:
+        assert e["held_out_tokens"] == 2 * 16  # the last 2 of 8 windows, inside the batch of windows 5-7
+        assert e["held_out_rel_error"][str(e["damp_chosen"])] == min(e["held_out_rel_error"].values())
+        assert 0 <= e["rel_error_lsq"] <= e["rel_error_slice"] + 1e-12

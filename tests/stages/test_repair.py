@@ -1,4 +1,5 @@
-"""The one-shot repair of head_prune and neuron_prune: the held-out choice, as the stages run it."""
+"""The one-shot repair of head_prune and neuron_prune, and hidden_prune's reader refit: the held-out choice, as
+the stages run it."""
 
 import pytest
 import torch
@@ -49,11 +50,20 @@ def test_no_held_out_choice_without_holdout_or_in_sequential_repair(holdout, seq
     assert all("damp_chosen" not in e and "rel_error_lsq" in e for e in rep["layers"])
 
 
-def test_hidden_prune_has_no_holdout_key():
+@pytest.mark.parametrize("holdout", [0.25, 0])
+def test_hidden_prune_chooses_per_reader_on_held_out_windows(holdout):
     from gqaprune.recipe import HiddenPruneStage
+    from gqaprune.stages.hidden_prune import HiddenPrune
 
-    with pytest.raises(ValueError, match="reconstruct_holdout"):
-        HiddenPruneStage(type="hidden_prune", prune_ratio=0.1, reconstruct_holdout=0.25)
+    stage = {"type": "hidden_prune", "prune_ratio": 0.25, "align": 8, "reconstruct_holdout": holdout}
+    rep = HiddenPrune(HiddenPruneStage(**stage)).apply(_ctx(tiny_model("llama"), stage))["repair"]
+    readers = [e for layer in rep["layers"] for k, e in layer.items() if k != "layer"] + [rep["lm_head"]]
+    if not holdout:
+        assert rep["repair_choices"] is None and all("damp_chosen" not in e for e in readers)
+        return
+    assert sum(rep["repair_choices"].values()) == len(readers)
+    for e in readers:
+        assert e["held_out_tokens"] == 2 * 16 and e["damp_chosen"] in CHOICES
 
 
 def test_only_a_one_shot_repair_keeps_held_out_inputs():

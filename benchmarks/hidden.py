@@ -34,17 +34,21 @@ RATIOS = (0.1, 0.2, 0.3)
 SCORES = ("activation", "magnitude", "taylor", "random")
 
 
-def rows_for(ratio: float, quick: bool) -> list[dict]:
-    rows = [{"ratio": ratio, "method": "gqaprune", "score": s, "rotate": "none", "reconstruct": r}
+def rows_for(ratio: float, quick: bool, holdout: float | None = None) -> list[dict]:
+    """The rows of one budget; ``holdout`` (reconstruct_holdout, when not the default) joins the repaired rows' key."""
+    extra = {"holdout": holdout} if holdout is not None else {}
+    rows = [{"ratio": ratio, "method": "gqaprune", "score": s, "rotate": "none", "reconstruct": r,
+             **(extra if r == "least_squares" else {})}
             for s in (SCORES[:1] if quick else SCORES) for r in ("none", "least_squares")]
-    rows += [{"ratio": ratio, "method": "gqaprune", "score": "activation", "rotate": "pca", "reconstruct": r}
+    rows += [{"ratio": ratio, "method": "gqaprune", "score": "activation", "rotate": "pca", "reconstruct": r,
+              **(extra if r == "least_squares" else {})}
              for r in ("none", "least_squares")]
     rows += [{"ratio": ratio, "method": "torch_pruning", "score": s} for s in ("magnitude", "taylor")]
     return rows
 
 
 def key(row: dict) -> str:
-    return "|".join(f"{k}={row[k]}" for k in sorted(row) if k in ("ratio", "method", "score", "rotate", "reconstruct"))
+    return "|".join(f"{k}={row[k]}" for k in sorted(row) if k in ("ratio", "method", "score", "rotate", "reconstruct", "holdout"))
 
 
 def measure(row: dict, folder, calib, eval_tokens, align: int) -> dict:
@@ -54,11 +58,13 @@ def measure(row: dict, folder, calib, eval_tokens, align: int) -> dict:
     t = time.perf_counter()
     if row["method"] == "gqaprune":
         stage = {"type": "hidden_prune", "prune_ratio": row["ratio"], "align": align, "score": row["score"],
-                 "rotate": row["rotate"], "reconstruct": row["reconstruct"]}
+                 "rotate": row["rotate"], "reconstruct": row["reconstruct"],
+                 **({"reconstruct_holdout": row["holdout"]} if "holdout" in row else {})}
         rep = HiddenPrune(HiddenPruneStage(**stage)).apply(context(model, calib, stage))
         extra = {"mean_rel_error_slice": rep.get("repair", {}).get("mean_rel_error_slice"),
                  "mean_rel_error_lsq": rep.get("repair", {}).get("mean_rel_error_lsq"),
-                 "untied_lm_head": rep.get("untied_lm_head", False)}
+                 "untied_lm_head": rep.get("untied_lm_head", False),
+                 "repair_choices": rep.get("repair", {}).get("repair_choices")}
     else:
         from benchmarks.peers.torch_pruning_baseline import tp_prune_hidden
 
@@ -84,6 +90,7 @@ def render() -> str:
         for r in sorted(data["rows"].values(), key=lambda r: (r["ratio"], r["method"], r.get("rotate", ""),
                                                                r["score"], r.get("reconstruct", ""))):
             how = (f"gqaprune {r['score']}, rotate {r['rotate']}, reconstruct {r['reconstruct']}"
+                   + (f" (reconstruct_holdout {r['holdout']})" if "holdout" in r else "")
                    if r["method"] == "gqaprune" else f"Torch-Pruning {r['score']}")
             err = (f"{r['mean_rel_error_slice']:.3f} -> {r['mean_rel_error_lsq']:.3f}"
                    if r.get("mean_rel_error_lsq") is not None else "-")
@@ -113,6 +120,8 @@ def main(argv=None):
                     help="re-run the stored rows whose key contains one of these after a code change, keeping each "
                          "old result as the row's 'before' (shown beside the new one)")
     ap.add_argument("--before-note", default=None, help="what the 'before' rows measured (rendered under the table)")
+    ap.add_argument("--holdout", type=float, default=None,
+                    help="reconstruct_holdout of the repaired rows (default: the stage's default, not in the key)")
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args(argv)
     if args.render:
@@ -132,13 +141,13 @@ def main(argv=None):
                     hidden_size=dense.config.hidden_size, params=sum(p.numel() for p in dense.parameters()),
                     samples=args.samples, eval_tokens=int(eval_tokens.numel()))
         print(f"dense ppl {data['dense_ppl']:.3f}", flush=True)
-    planned = {key(row) for ratio in args.ratios for row in rows_for(ratio, args.quick)
+    planned = {key(row) for ratio in args.ratios for row in rows_for(ratio, args.quick, args.holdout)
                if not args.only or any(o in key(row) for o in args.only)}
     for k in [k for k in data["rows"] if k in planned and args.remeasure and any(o in k for o in args.remeasure)]:
         data.setdefault("before", {})[k] = data["rows"].pop(k)
         data["before_note"] = args.before_note or data.get("before_note")
     for ratio in args.ratios:
-        for row in rows_for(ratio, args.quick):
+        for row in rows_for(ratio, args.quick, args.holdout):
             if key(row) in data["rows"] or (args.only and not any(o in key(row) for o in args.only)):
                 continue
             try:

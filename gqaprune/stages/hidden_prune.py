@@ -39,6 +39,10 @@ class HiddenPruneStage(HeldOutReconstructs):
         "activation", description="activation: per-channel L2 of every norm's output over the calibration tokens "
         "(Minitron); magnitude: L2 of every weight on the channel; taylor: |w*g| summed over them; random (seeded)."
         " With rotate: pca the channels scored are the principal directions")
+    reconstruct_holdout: float = Field(
+        0.0, ge=0, lt=1, description="the fraction of the calibration windows held out to choose, per reader, the "
+        "damping (reconstruct_damp, 10, 100 or 1000 times it) or no refit; default 0, a fixed reconstruct_damp: on "
+        "SmolLM2-135M the held-out choice lost to it at every budget measured (benchmarks/RESULTS.md)")
     rotate: Literal["none", "pca"] = Field(
         "none", description="pca: rotate the residual stream onto the principal directions of the calibration "
         "activations first (norm weights folded into the projections; a tied LM head is untied)")

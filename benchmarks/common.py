@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -58,3 +60,16 @@ def table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def resumable(path: Path) -> tuple[dict, Callable[[], None]]:
+    """(the results stored at ``path``, or a fresh {"rows": {}}; save(), which replaces the file whole): a
+    benchmark that stops keeps the rows it finished, and a rerun skips them."""
+    res = json.loads(path.read_text()) if path.exists() else {"rows": {}}
+
+    def save() -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        tmp.replace(path)  # nothing half-written
+
+    return res, save

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from benchmarks.common import RESULTS, table, write_result
+from benchmarks.common import RESULTS, resumable, table, write_result
 from benchmarks.peers.input_stats import params
 from benchmarks.real import Bench, flap_row, mlp
 from gqaprune.context import RunContext
@@ -88,14 +88,9 @@ def main() -> None:
         return
     torch.set_num_threads(2)
     b = Bench()
-    res = json.loads(JSON.read_text()) if JSON.exists() else {"rows": {}}
+    res, save = resumable(JSON)  # rows already done are kept and skipped
     res.setdefault("dense", b.ppl(b.fresh()))
     res["dense_params"] = b.dense_params
-
-    def save():
-        tmp = JSON.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1))
-        tmp.replace(JSON)  # nothing half-written
 
     for key, bud, build in jobs(b):
         if key in res["rows"] or (args.only and not re.search(args.only, key)):

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from benchmarks.common import RESULTS, table, write_result
+from benchmarks.common import RESULTS, resumable, table, write_result
 from benchmarks.peers.input_stats import params
 from benchmarks.real import FLAP_FRACTION, Bench, flap_row, heads, mlp
 
@@ -63,15 +63,10 @@ def main() -> None:
         return
     torch.set_num_threads(2)
     b = Bench()
-    res = json.loads(JSON.read_text()) if JSON.exists() else {"rows": {}}  # resumable: rows done are kept
+    res, save = resumable(JSON)  # rows already done are kept and skipped
     res.setdefault("dense", b.ppl(b.fresh()))
     res["dense_params"] = b.dense_params
     t_start = time.perf_counter()
-
-    def save():
-        tmp = JSON.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1))
-        tmp.replace(JSON)  # nothing half-written
 
     jobs = [(f"{s}|{v}", bud, lambda m, f=fn, r=rec: b.gq(m, f(r))) for s, bud, fn in SETTINGS
             for v, rec in VARIANTS.items()]

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gqaprune.arch.adapter import Adapter, decoder_layers, get_module, head_dim_of, set_module
-from gqaprune.ops.reconstruct import _solve, damp_grid
+from gqaprune.ops.reconstruct import _solve, choose_on_held_out
 from gqaprune.schema import held_out_from
 from gqaprune.ops.surgery import slice_linear
 
@@ -347,12 +347,9 @@ def _refit(w: torch.Tensor, w_slice: torch.Tensor, grams: tuple, damp: float,
     if held is not None:
         fit = tuple(a - h for a, h in zip(grams, held))
         wc_fit = w64 @ fit[1]
-        scores = {"slice": _paired_error(w64, held, w_k)}
-        for candidate in damp_grid(damp):
-            scores[candidate] = _paired_error(w64, held, _solve(fit[2], wc_fit, candidate, prior=w_k)[0])
-        damp = min(scores, key=scores.get)
-        info = {"held_out_tokens": held_tokens, "held_out_rel_error": {str(k): v for k, v in scores.items()},
-                "damp_chosen": damp}
+        damp, info = choose_on_held_out(_paired_error(w64, held, w_k),
+                                        lambda d: _paired_error(w64, held, _solve(fit[2], wc_fit, d, prior=w_k)[0]),
+                                        damp, held_tokens)
     e_slice = _paired_error(w64, grams, w_k)
     if damp == "slice":
         return w_slice.detach().clone(), {"rel_error_slice": e_slice, "rel_error_lsq": e_slice, **info}

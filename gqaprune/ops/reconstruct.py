@@ -187,6 +187,16 @@ def damp_grid(damp: float) -> tuple[float, ...]:
     return (damp, 10 * damp, 100 * damp, 1000 * damp)
 
 
+def choose_on_held_out(slice_error: float, candidate_error, damp: float, tokens: int) -> tuple[float | str, dict]:
+    """The best of plain slicing (held-out error ``slice_error``) and each damping of damp_grid(damp)
+    (``candidate_error(d)``: the held-out error of the refit at d on the fitting tokens): ("slice" or the
+    damping, the report entries held_out_tokens, held_out_rel_error and damp_chosen)."""
+    scores = {"slice": slice_error, **{d: candidate_error(d) for d in damp_grid(damp)}}
+    best = min(scores, key=scores.get)
+    return best, {"held_out_tokens": tokens, "held_out_rel_error": {str(k): v for k, v in scores.items()},
+                  "damp_chosen": best}
+
+
 def repair_held_out(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, held: torch.Tensor,
                     damp: float = 0.01) -> tuple[torch.Tensor, dict]:
     """One-shot repair that chooses its damping, or no refit at all, on calibration tokens it did not fit.
@@ -208,17 +218,12 @@ def repair_held_out(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, held: 
     def held_error(w_kept: torch.Tensor) -> float:
         return float((y_h - xh_k @ w_kept.T).pow(2).sum()) / den_h
 
-    scores = {"slice": held_error(w_k)}
     c_fit = _kept_block(c, keep)
     c_fit.addmm_(xh_k.T, xh_k, alpha=-1.0)  # C_fit[K, K]
     wc_fit = _times(w64, c, None, keep).addmm_(y_h.T, xh_k, alpha=-1.0)  # W C_fit[:, K] (out, |K|)
-    for candidate in damp_grid(damp):
-        new, _, _ = _solve(c_fit, wc_fit, candidate, prior=w_k)
-        scores[candidate] = held_error(new)
+    best, info = choose_on_held_out(held_error(w_k), lambda d: held_error(_solve(c_fit, wc_fit, d, prior=w_k)[0]),
+                                    damp, int(xh.shape[0]))
     del c_fit, wc_fit
-    best = min(scores, key=scores.get)
-    info = {"held_out_tokens": int(xh.shape[0]),
-            "held_out_rel_error": {str(k): v for k, v in scores.items()}, "damp_chosen": best}
     if best == "slice":
         sliced = w.detach()[:, keep.to(w.device)].clone()
         err_slice = relative_error(w, c, keep, sliced)

@@ -17,17 +17,10 @@ one-shot stages, with the unpruned model as the teacher.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import re
-import time
 
-import torch
-
-from benchmarks.common import RESULTS, resumable, table, write_result
-from benchmarks.peers.input_stats import params
-from benchmarks.real import Bench, flap_row, mlp
+from benchmarks.common import RESULTS, table
+from benchmarks.real import Bench, flap_row, mlp, run_rows
 from gqaprune.context import RunContext
 from gqaprune.recipe import Recipe
 from gqaprune.stages import STAGES
@@ -61,48 +54,29 @@ def distill(b: Bench, model, teacher) -> dict:
     return STAGES["recover"](STAGES["recover"].Config(**DISTILL)).apply(ctx)
 
 
+def _width(model, extra: dict) -> tuple:
+    return model, {"hidden_size": model.config.hidden_size, **extra}
+
+
 def jobs(b: Bench) -> list:
     """(key, budget, build(model) -> (model, extra)), one-shot rows first (a run cut short keeps them)."""
     out = []
     for bud, label, stages in SETTINGS:
-        out.append((f"{bud}|{label}", bud, lambda m, s=stages: (b.gq(m, s), {})))
+        out.append((f"{bud}|{label}", bud, lambda m, s=stages: _width(b.gq(m, s), {})))
     for bud, frac in FLAP.items():
-        out.append((f"{bud}|FLAP", bud, lambda m, f=frac: (flap_row(f)(b, m), {})))
+        out.append((f"{bud}|FLAP", bud, lambda m, f=frac: _width(flap_row(f)(b, m), {})))
     for bud, label, stages in SETTINGS:
         def build(m, s=stages):
             teacher = copy.deepcopy(m)
             b.gq(m, s)
             rep = distill(b, m, teacher)
-            return m, {"distill_loss_first_last": [rep.get("loss_first"), rep.get("loss_last")]}
+            return _width(m, {"distill_loss_first_last": [rep.get("loss_first"), rep.get("loss_last")]})
         out.append((f"{bud}|{label} + distill", bud, build))
     return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--only", help="run only rows whose key ('budget|label') matches this regular expression")
-    ap.add_argument("--render", action="store_true", help="only rewrite results/mixed.md from the JSON")
-    args = ap.parse_args()
-    if args.render:
-        write_result("mixed", render(json.loads(JSON.read_text())))
-        return
-    torch.set_num_threads(2)
-    b = Bench()
-    res, save = resumable(JSON)  # rows already done are kept and skipped
-    res.setdefault("dense", b.ppl(b.fresh()))
-    res["dense_params"] = b.dense_params
-
-    for key, bud, build in jobs(b):
-        if key in res["rows"] or (args.only and not re.search(args.only, key)):
-            continue
-        t0 = time.perf_counter()
-        m, extra = build(b.fresh())
-        res["rows"][key] = {"ppl": b.ppl(m), "removed": 1 - params(m) / b.dense_params, "budget": bud,
-                            "hidden_size": m.config.hidden_size, "seconds": round(time.perf_counter() - t0, 1),
-                            **extra}
-        save()
-        print(f"{key}: {res['rows'][key]}", flush=True)
-    write_result("mixed", render(res))
+    run_rows("mixed", JSON, jobs, render, "run only rows whose key ('budget|label') matches this regular expression")
 
 
 def render(res: dict) -> str:

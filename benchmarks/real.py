@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import context, table, write_result
+from benchmarks.common import context, resumable, table, write_result
 from benchmarks.peers import flap, layer_baselines, wanda_sp
 from benchmarks.peers.input_stats import params
 from gqaprune.arch.adapter import resolve_adapter
@@ -63,6 +63,38 @@ class Bench:
             cls = STAGES[st["type"]]
             cls(cls.Config(**st)).apply(context(model, self.calib, st))
         return model
+
+
+def run_rows(name: str, path: Path, jobs_of, render, only_help: str) -> None:
+    """The command line of a benchmark whose rows are (key, budget, build(model) -> (model, extra dict)) built by
+    ``jobs_of(bench)``: --only REGEX runs only the matching rows, --render only rewrites results/<name>.md. Rows
+    already in ``path`` are kept and skipped; each row stores perplexity, the share of parameters removed, its
+    budget, seconds and ``extra``, and the file is rewritten whole after every row."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", help=only_help)
+    ap.add_argument("--render", action="store_true", help=f"only rewrite results/{name}.md from the JSON")
+    args = ap.parse_args()
+    if args.render:
+        write_result(name, render(json.loads(path.read_text())))
+        return
+    torch.set_num_threads(2)
+    b = Bench()
+    res, save = resumable(path)
+    res.setdefault("dense", b.ppl(b.fresh()))
+    res["dense_params"] = b.dense_params
+    t_start = time.perf_counter()
+    for key, bud, build in jobs_of(b):
+        if key in res["rows"] or (args.only and not re.search(args.only, key)):
+            continue
+        t0 = time.perf_counter()
+        m, extra = build(b.fresh())
+        res["rows"][key] = {"ppl": b.ppl(m), "removed": 1 - params(m) / b.dense_params, "budget": bud,
+                            "seconds": round(time.perf_counter() - t0, 1), **extra}
+        save()
+        print(f"[{(time.perf_counter() - t_start) / 60:5.1f} min] {key}: {res['rows'][key]}", flush=True)
+    res["seconds"] = round(res.get("seconds", 0.0) + time.perf_counter() - t_start, 1)
+    save()
+    write_result(name, render(res))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,16 +18,8 @@ and FLAP (benchmarks/peers/flap.py) at the setting's budget for reference.
 
 from __future__ import annotations
 
-import argparse
-import json
-import re
-import time
-
-import torch
-
-from benchmarks.common import RESULTS, resumable, table, write_result
-from benchmarks.peers.input_stats import params
-from benchmarks.real import FLAP_FRACTION, Bench, flap_row, heads, mlp
+from benchmarks.common import RESULTS, table
+from benchmarks.real import FLAP_FRACTION, Bench, flap_row, heads, mlp, run_rows
 
 JSON = RESULTS / "repair.json"
 
@@ -52,38 +44,18 @@ VARIANTS = {
 }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--only", help="run only rows whose key ('setting|variant') matches this regular expression "
-                    "(the others are kept from results/repair.json)")
-    ap.add_argument("--render", action="store_true", help="only rewrite results/repair.md from the JSON")
-    args = ap.parse_args()
-    if args.render:
-        write_result("repair", render(json.loads(JSON.read_text())))
-        return
-    torch.set_num_threads(2)
-    b = Bench()
-    res, save = resumable(JSON)  # rows already done are kept and skipped
-    res.setdefault("dense", b.ppl(b.fresh()))
-    res["dense_params"] = b.dense_params
-    t_start = time.perf_counter()
+def jobs(b: Bench) -> list:
+    """(key, budget, build(model) -> (model, extra)): every setting under every variant, then FLAP per budget."""
+    out = [(f"{s}|{v}", bud, lambda m, f=fn, r=rec: (b.gq(m, f(r)), {})) for s, bud, fn in SETTINGS
+           for v, rec in VARIANTS.items()]
+    out += [(f"FLAP {bud}|FLAP", bud, lambda m, bud=bud: (flap_row(FLAP_FRACTION[bud])(b, m), {}))
+            for bud in ("15%", "25%", "5%")]
+    return out
 
-    jobs = [(f"{s}|{v}", bud, lambda m, f=fn, r=rec: b.gq(m, f(r))) for s, bud, fn in SETTINGS
-            for v, rec in VARIANTS.items()]
-    jobs += [(f"FLAP {bud}|FLAP", bud, lambda m, bud=bud: flap_row(FLAP_FRACTION[bud])(b, m))
-             for bud in ("15%", "25%", "5%")]
-    for key, bud, build in jobs:
-        if key in res["rows"] or (args.only and not re.search(args.only, key)):
-            continue
-        t0 = time.perf_counter()
-        m = build(b.fresh())
-        res["rows"][key] = {"ppl": b.ppl(m), "removed": 1 - params(m) / b.dense_params, "budget": bud,
-                            "seconds": round(time.perf_counter() - t0, 1)}
-        save()
-        print(f"[{(time.perf_counter() - t_start) / 60:5.1f} min] {key}: {res['rows'][key]}", flush=True)
-    res["seconds"] = round(res.get("seconds", 0.0) + time.perf_counter() - t_start, 1)
-    save()
-    write_result("repair", render(res))
+
+def main() -> None:
+    run_rows("repair", JSON, jobs, render, "run only rows whose key ('setting|variant') matches this regular "
+             "expression (the others are kept from results/repair.json)")
 
 
 def render(res: dict) -> str:

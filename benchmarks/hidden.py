@@ -2,7 +2,9 @@
 
 Rows per budget: every score with and without least-squares repair (rotate none), activation with
 rotate: pca (repair on and off), and Torch-Pruning's hidden-size pruning (magnitude, taylor) at the same
-kept width. Same calibration windows and evaluation tokens for every row; no recovery. Kept widths are
+kept width, and SliceGPT (benchmarks/peers/slicegpt.py: one PCA rotation per residual position with shortcut
+matrices between them, not a stock architecture) at the same kept width and at the parameter count of gqaprune's
+rotate-pca row. Same calibration windows and evaluation tokens for every row; no recovery. Kept widths are
 multiples of 8 (align 8). Rows are written to results/hidden_<model>.json as they finish (a rerun skips
 rows already there; --remeasure re-runs stored rows and shows the old result beside the new) and rendered to
 results/hidden.md.
@@ -44,11 +46,22 @@ def rows_for(ratio: float, quick: bool, holdout: float | None = None) -> list[di
               **(extra if r == "least_squares" else {})}
              for r in ("none", "least_squares")]
     rows += [{"ratio": ratio, "method": "torch_pruning", "score": s} for s in ("magnitude", "taylor")]
+    rows += [{"ratio": ratio, "method": "slicegpt", "score": "pca"},
+             {"ratio": ratio, "method": "slicegpt", "score": "pca", "budget": "params"}]
     return rows
 
 
+def stock_param_count(config, kept: int) -> int:
+    """Parameters of the stock Llama-family model at residual width ``kept`` with an untied head: what gqaprune's
+    rotate-pca rows leave (hidden_prune unties a tied head when it rotates)."""
+    v, n, inter = config.vocab_size, config.num_hidden_layers, config.intermediate_size
+    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    return 2 * v * kept + n * (kept * (q + 2 * kv) + q * kept + 3 * inter * kept + 2 * kept) + kept
+
+
 def key(row: dict) -> str:
-    return "|".join(f"{k}={row[k]}" for k in sorted(row) if k in ("ratio", "method", "score", "rotate", "reconstruct", "holdout"))
+    return "|".join(f"{k}={row[k]}" for k in sorted(row) if k in ("ratio", "method", "score", "rotate", "reconstruct", "holdout", "budget"))
 
 
 def measure(row: dict, folder, calib, eval_tokens, align: int) -> dict:
@@ -65,6 +78,18 @@ def measure(row: dict, folder, calib, eval_tokens, align: int) -> dict:
                  "mean_rel_error_lsq": rep.get("repair", {}).get("mean_rel_error_lsq"),
                  "untied_lm_head": rep.get("untied_lm_head", False),
                  "repair_choices": rep.get("repair", {}).get("repair_choices")}
+    elif row["method"] == "slicegpt":
+        from benchmarks.peers.slicegpt import slicegpt_param_count, slicegpt_prune
+
+        kept = int(round(width * (1 - row["ratio"]))) // align * align  # the same kept width as gqaprune's
+        if row.get("budget") == "params":  # the widest aligned width within gqaprune's rotate-pca row's parameters
+            target = stock_param_count(model.config, kept)
+            kept = max(k for k in range(align, width + 1, align) if slicegpt_param_count(model.config, k) <= target)
+        rep = slicegpt_prune(model, calib, kept)
+        extra = {"note": rep["note"] + (f"; width chosen for at most {target:,} parameters (gqaprune rotate-pca at "
+                                        f"this ratio)" if row.get("budget") == "params" else ""),
+                 "hidden_size": kept, "untied_lm_head": rep["untied_lm_head"],
+                 "shortcut_params": rep["shortcut_params"]}
     else:
         from benchmarks.peers.torch_pruning_baseline import tp_prune_hidden
 
@@ -73,7 +98,8 @@ def measure(row: dict, folder, calib, eval_tokens, align: int) -> dict:
         extra = {"note": rep["note"]}
     seconds = time.perf_counter() - t
     ppl = perplexity(model, eval_tokens, 128, None, 8, progress=False)["perplexity"]
-    return {**row, **extra, "hidden_size": model.config.hidden_size, "hidden_size_before": width,
+    hidden = extra.pop("hidden_size", model.config.hidden_size)
+    return {**row, **extra, "hidden_size": hidden, "hidden_size_before": width,
             "params": sum(p.numel() for p in model.parameters()), "params_before": params_before,
             "ppl": ppl, "seconds": round(seconds, 1)}
 
@@ -88,10 +114,14 @@ def render() -> str:
                      f"{data['eval_tokens']} evaluation tokens)\n")
         rows = []
         for r in sorted(data["rows"].values(), key=lambda r: (r["ratio"], r["method"], r.get("rotate", ""),
-                                                               r["score"], r.get("reconstruct", ""))):
+                                                               r["score"], r.get("reconstruct", ""),
+                                                               r.get("budget", ""))):
             how = (f"gqaprune {r['score']}, rotate {r['rotate']}, reconstruct {r['reconstruct']}"
                    + (f" (reconstruct_holdout {r['holdout']})" if "holdout" in r else "")
-                   if r["method"] == "gqaprune" else f"Torch-Pruning {r['score']}")
+                   if r["method"] == "gqaprune"
+                   else "SliceGPT (per-layer rotation + shortcuts)" + (
+                       ", at gqaprune rotate-pca's parameter count" if r.get("budget") == "params" else "")
+                   if r["method"] == "slicegpt" else f"Torch-Pruning {r['score']}")
             err = (f"{r['mean_rel_error_slice']:.3f} -> {r['mean_rel_error_lsq']:.3f}"
                    if r.get("mean_rel_error_lsq") is not None else "-")
             rows.append([f"{r['ratio']:.0%}", how, f"{r['hidden_size_before']} -> {r['hidden_size']}",
@@ -157,6 +187,10 @@ def main(argv=None):
                 print(f"{key(row)}: {e}", flush=True)
                 continue
             data["rows"][key(row)] = result
+            if path.exists():  # rows another run wrote meanwhile stay (this run's rows win on the same key)
+                on_disk = json.loads(path.read_text()).get("rows", {})
+                data["rows"].update({k: v for k, v in on_disk.items()
+                                     if k not in data["rows"] and k not in data.get("before", {})})
             print(f"{key(row)}: ppl {result['ppl']:.3f} hidden {result['hidden_size']} params {result['params']:,} "
                   f"({result['seconds']}s)", flush=True)
             tmp = path.with_suffix(".tmp")

@@ -121,6 +121,51 @@ def estimate(shape: str, mode: str, tokens: int, layers: int | None = None) -> d
     return {m: e.as_dict() for m, e in memory.estimate(recipe, cfg, adapter, plans, 4).items()}
 
 
+class PeakWatch:
+    """Samples this process's RSS every 20 ms on a thread; at each new peak records where the main thread is
+    (its gqaprune/benchmark frames), so the phase that sets the peak is named rather than guessed; also the
+    largest RSS seen in each phase (the call under the runner's pipeline function)."""
+
+    def __init__(self, every: float = 0.02):
+        import threading
+
+        self.every, self.where, self.timeline, self.phases, self._peak = every, [], [], {}, 0
+        self._main, self._stop = threading.main_thread().ident, threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    def _loop(self) -> None:
+        import traceback
+
+        start, last_t = time.perf_counter(), -1
+        while not self._stop.wait(self.every):
+            rss, now = self._rss(), time.perf_counter() - start
+            if int(now) // 10 != last_t:  # one timeline point per 10 s
+                last_t = int(now) // 10
+                self.timeline.append([round(now, 1), round(rss / 2**30, 3)])
+            frame = sys._current_frames().get(self._main)
+            stack = [f"{Path(f.filename).name}:{f.name}:{f.lineno}" for f in traceback.extract_stack(frame)
+                     if "gqaprune" in f.filename] if frame else []
+            tops = [i for i, f in enumerate(stack) if ":run_layerwise:" in f or ":_run_inner:" in f]
+            phase = stack[tops[-1] + 1] if tops and tops[-1] + 1 < len(stack) else "other"
+            self.phases[phase] = max(self.phases.get(phase, 0), round(rss / 2**30, 3))
+            if rss > self._peak + 2**24:
+                self._peak = rss
+                self.where = [round(rss / 2**30, 3), round(now, 1), stack[-8:]]
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def _child(model: Path, mode: str, tokens: int, drop: int, out: Path, threads: int) -> None:
     """One `gqaprune run` in this process; prints its wall time and peak RSS as JSON on the last line."""
     from gqaprune.runner import run
@@ -128,8 +173,11 @@ def _child(model: Path, mode: str, tokens: int, drop: int, out: Path, threads: i
     recipe = out.parent / f"recipe_{mode}.yaml"
     recipe.write_text(RECIPE.format(model=model, out=out, samples=tokens // 128, mode=mode, drop=drop, threads=threads))
     t = time.perf_counter()
-    report = run(str(recipe), force=True, progress=False)
+    with PeakWatch() as watch:
+        report = run(str(recipe), force=True, progress=False)
     print(json.dumps({"mode": mode, "seconds": round(time.perf_counter() - t, 1),
+                      "rss_peak_where": watch.where, "rss_by_phase_gib": watch.phases,
+                      "rss_timeline_gib": watch.timeline,
                       "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
                       "params_before": report["params_before"], "params_after": report["params_after"],
                       "ppl_before": report["eval"]["before"].get("perplexity"),

@@ -20,12 +20,17 @@ that stage holds at once:
 - corrections: layer-wise, the layer-drop corrections E (hidden, inter) fp32 kept from the repair sweep to
   the main sweep, one per dropped run (counted as one per dropped layer: an upper bound);
 - activations: calibration hidden states (layer-wise: one stream per pruning stage plus one, all windows,
-  plus the repaired projection's dense inputs when sequential), one batch's forward (logits in fp32), and
+  plus the repaired projection's dense inputs when sequential; at the end, the evaluation windows' hidden
+  states when eval.perplexity.max_tokens bounds them), one batch's forward, and at the ends of a run its
+  logits (the larger of a calibration and an evaluation batch: the fp32 logits, log_softmax's output and its
+  working buffer, LOGIT_COPIES), and
   for Taylor the activations autograd keeps for the backward pass (approximate: ~6 hidden + 4 MLP + the
   attention scores per token and layer);
 - runtime: the interpreter and libraries (a constant measured on this machine).
 Weights and Grams are exact byte counts; activations are an estimate (checked against measured peaks in
-benchmarks/RESULTS.md). Python, torch and the tokenizer add a few hundred MB that no term counts.
+benchmarks/RESULTS.md). The layer-wise estimate counts live tensors only: it holds because the layer-wise run
+makes glibc return freed large tensors to the OS (gqaprune.execution.allocator); without that, the heap kept
+about 0.7 GiB more on the TinyLlama-1.1B shape.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gqaprune.arch.adapter import Adapter, cfg_get, head_dim_of
-from gqaprune.recipe import STAGE_SCORES
+from gqaprune.recipe import STAGE_SCORES, default_eval
 from gqaprune.schema import held_out_from
 
 GRAM_BYTES = 4  # float32 accumulation (gqaprune.scoring.stats)
@@ -44,6 +49,10 @@ SOLVE_MATRICES = 2
 # fp64 (in, in) matrices of the OBS reconstruction score (gqaprune.scoring.obs): the widened Gram, the identity,
 # the damped sum and the pseudo-inverse with its SVD factors
 OBS_MATRICES = 5
+# fp32 (tokens, vocab) buffers alive while a batch's perplexity is taken (gqaprune.evaluation.perplexity.batch_nll):
+# the logits, log_softmax's output and its working buffer (measured: the evaluation phase of
+# benchmarks/layerwise_scale.py peaks at about three logits tensors above its baseline)
+LOGIT_COPIES = 3
 RUNTIME_BYTES = 450 * 2**20  # Python, torch, transformers and the tokenizer before any tensor (measured, CPU)
 
 
@@ -147,6 +156,9 @@ def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_pa
     vocab = int(getattr(config, "vocab_size"))
     cal = recipe.calibration
     tokens, batch_tokens = cal.samples * cal.seq_len, min(cal.batch_size, cal.samples) * cal.seq_len
+    ppl = default_eval(recipe).perplexity
+    logit_tokens = max(batch_tokens, ppl.batch_size * ppl.seq_len if ppl is not None else 0)
+    eval_stream = ppl.max_tokens * hidden * b if ppl is not None and ppl.max_tokens else 0
     layer_params = layer_params or layer_param_counter(config, adapter)
     source = plans[0]
     non_layer = source.params - sum(layer_params(s) for s in source.per_layer)
@@ -156,7 +168,7 @@ def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_pa
         widest = max(s["intermediate_size"] for s in shapes)
         heads = max(s["num_attention_heads"] for s in shapes)
         return batch_tokens * (4 * hidden + 2 * widest) * b + batch_tokens * heads * cal.seq_len * b \
-            + (batch_tokens * vocab * 4 * 2 if logits else 0)
+            + (logit_tokens * vocab * 4 * LOGIT_COPIES if logits else 0)
 
     corrections = 0  # layer-wise: the layer-drop corrections, held from the repair sweep to the end
     first = recipe.stages[0] if recipe.stages else None
@@ -177,7 +189,8 @@ def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_pa
     best = {"in_memory": MemoryEstimate("in_memory"),
             "layerwise": MemoryEstimate("layerwise", {
                 "runtime": RUNTIME_BYTES, "weights": max(embed, head) * b, "corrections": corrections,
-                "activations": (n_prune + 1) * tokens * hidden * b + forward(source.per_layer)}, "ends")}
+                "activations": max((n_prune + 1) * tokens * hidden * b, eval_stream) + forward(source.per_layer)},
+                "ends")}
     for k, st in enumerate(recipe.stages):
         if st.type == "awq":
             continue

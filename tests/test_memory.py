@@ -13,8 +13,11 @@ LAYER = 64 * 128 + 64 * 32 + 64 * 32 + 128 * 64 + 3 * 64 * 96 + 2 * 64  # q, k, 
 NON_LAYER = 96 * 64 + 96 * 64 + 64  # embed, lm_head, final norm = 12,352
 
 
-def _estimate(stages: str, calibration: str = "{samples: 4, seq_len: 16, batch_size: 2}"):
-    recipe = parse_recipe(f"model: x\noutput: o\ncalibration: {calibration}\nstages:\n{stages}")
+def _estimate(stages: str, calibration: str = "{samples: 4, seq_len: 16, batch_size: 2}",
+              evaluation: str = "{seq_len: 16, batch_size: 1}"):
+    # by default a small evaluation batch, so the stages (not the logits at the run's ends) set the peak
+    recipe = parse_recipe(f"model: x\noutput: o\ncalibration: {calibration}\n"
+                          f"eval: {{perplexity: {evaluation}}}\nstages:\n{stages}")
     config = tiny_config("llama")
     config.architectures = ["LlamaForCausalLM"]
     adapter = resolve_adapter("llama", None)
@@ -85,6 +88,18 @@ def test_layer_drop_repair_solves_one_run_with_no_layer_loaded():
     # without repair the drop's sweeps hold one layer and no Gram
     lw = _estimate("  - {type: layer_drop, num_layers: 1, reconstruct: none}\n")["layerwise"]
     assert lw.parts["weights"] == LAYER * 4 and lw.parts["grams"] == 0
+
+
+def test_the_ends_hold_three_fp32_logits_of_the_larger_batch_and_the_evaluation_stream():
+    est = _estimate("  - {type: neuron_prune, prune_ratio: 0.25, score: activation, align: 8}\n",
+                    evaluation="{seq_len: 64, batch_size: 8, max_tokens: 2048}")
+    lw = est["layerwise"]
+    assert lw.peak_stage == "ends"
+    streams = max(2 * 64 * 64 * 4, 2048 * 64 * 4)  # two calibration streams (64 tokens) or the 2,048 evaluation tokens
+    batch = 2 * 16 * (4 * 64 + 2 * 96) * 4 + 2 * 16 * 8 * 16 * 4  # a calibration batch's residuals, MLP, scores
+    logits = 8 * 64 * 96 * 4 * 3  # the evaluation batch (512 tokens > 32) x vocab 96, fp32, three buffers
+    assert lw.parts["activations"] == streams + batch + logits == 1187840
+    assert lw.parts["weights"] == (96 * 64 + 64) * 4  # the lm_head and final norm (> embeddings), no decoder layer
 
 
 def test_validate_warns_when_the_chosen_pipeline_does_not_fit(monkeypatch):

@@ -12,6 +12,7 @@ import torch
 
 from gqaprune.arch.adapter import kv_cache_bytes_per_token
 from gqaprune.errors import CheckFailed
+from gqaprune.execution.allocator import return_large_frees_to_os
 from gqaprune.execution.layerwise import prune_layerwise, streamed_logits, streamed_perplexity
 from gqaprune.execution.weights import build_shell
 
@@ -33,6 +34,7 @@ def run_layerwise(recipe, recipe_text, recipe_path, config, adapter, plans, eval
     from gqaprune.runtime import count_params, log, pick_runtime, runtime_info, seed_everything, source_dtype_of
 
     timings: dict[str, float] = {}
+    allocator = return_large_frees_to_os()  # else glibc keeps each layer's freed tensors: see the module
     model_dir, calib, eval_tokens = inputs["model_dir"], inputs["calib"], inputs["eval_tokens"]
     _, dtype, save_dtype = pick_runtime(recipe.runtime, source_dtype_of(config))
     seed_everything(recipe.seed)
@@ -83,7 +85,7 @@ def run_layerwise(recipe, recipe_text, recipe_path, config, adapter, plans, eval
                           roundtrip=roundtrip, awq_report=None, save_as=None, timings=timings,
                           runtime=runtime_info(torch.device("cpu"), dtype, save_dtype))
     report["pipeline"] = {"kind": "layerwise", "sweeps": res["sweeps"],
-                          "max_live_decoder_layers": res["max_live_layers"]}
+                          "max_live_decoder_layers": res["max_live_layers"], "allocator": allocator}
     report["eval"]["lm_eval"]["skipped"] = ("lm-eval needs the whole model in memory; run `gqaprune eval OUTPUT` "
                                             "where it fits")
     write_report_files(report, recipe_text, tmp, t_start)

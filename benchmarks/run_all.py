@@ -1,8 +1,11 @@
-"""Run every benchmark and collect their results into benchmarks/RESULTS.md.
+"""Run the core benchmarks and collect every rendered table into benchmarks/results/ALL.md.
 
     pip install -r benchmarks/requirements.txt   # peer tools (Torch-Pruning)
-    python -m benchmarks.run_all                  # quality, speed, scale (about 1.5 h on 2 cores)
-    python -m benchmarks.run_all --collect        # only rebuild RESULTS.md from benchmarks/results/*.md
+    python -m benchmarks.run_all                  # quality, groups, recovery, speed, scale (about 1.5 h on 2 cores)
+    python -m benchmarks.run_all --collect        # only rebuild results/ALL.md from benchmarks/results/*.md
+
+benchmarks/RESULTS.md is written by hand from these tables and the other benchmarks' (each section names its
+command and commit), with what was learned from them; collecting never overwrites it.
 """
 
 from __future__ import annotations
@@ -16,17 +19,20 @@ HERE = Path(__file__).parent
 ORDER = ["quality", "groups", "recovery", "speed", "scale"]
 
 
-def collect() -> None:
-    parts = ["# Benchmark results", "",
-             "Produced by `python -m benchmarks.run_all` (each section names its own command). Numbers are from the "
-             "last run on the project's 2-core CPU machine; every comparison in a table was measured in one run.", ""]
-    for name in ORDER + sorted(p.stem for p in (HERE / "results").glob("*.md") if p.stem not in ORDER):
-        path = HERE / "results" / f"{name}.md"
+def collect(results: Path = HERE / "results") -> Path:
+    """Concatenate ``results``/*.md (the core benchmarks first) into ``results``/ALL.md; returns its path."""
+    parts = ["# Benchmark tables, as rendered", "",
+             "Collected by `python -m benchmarks.run_all --collect` from benchmarks/results/*.md; the curated "
+             "summary is benchmarks/RESULTS.md.", ""]
+    for name in ORDER + sorted(p.stem for p in results.glob("*.md") if p.stem not in ORDER and p.stem != "ALL"):
+        path = results / f"{name}.md"
         if path.exists():
             parts += [path.read_text().rstrip(), ""]
         else:
             parts += [f"## {name}", "", f"Not run yet: `python -m benchmarks.{name}`.", ""]
-    (HERE / "RESULTS.md").write_text("\n".join(parts))
+    out = results / "ALL.md"
+    out.write_text("\n".join(parts))
+    return out
 
 
 def main() -> None:
@@ -36,7 +42,7 @@ def main() -> None:
     if not args.collect:
         for name in ORDER:
             subprocess.run([sys.executable, "-m", f"benchmarks.{name}"], check=True, cwd=HERE.parent)
-    collect()
+    print(f"wrote {collect()}")
 
 
 if __name__ == "__main__":

@@ -146,6 +146,15 @@ def _hidden_repair(hidden: int, kept: int, out: int, held: bool) -> int:
     return ((3 if held else 1) * triple + SOLVE_MATRICES * kept * kept + out * (hidden + 3 * kept)) * SOLVE_BYTES
 
 
+def _held_corrections(recipe, shapes: list[dict], hidden: int) -> int:
+    """Layer-wise: bytes of the layer-drop corrections a repaired first-stage drop holds until the end (else 0)."""
+    first = recipe.stages[0] if recipe.stages else None
+    if first is None or first.type != "layer_drop" or first.reconstruct != "least_squares":
+        return 0
+    n_drop = first.num_layers if first.num_layers is not None else max(1, round(first.fraction * len(shapes)))
+    return _drop_repair(max(s["intermediate_size"] for s in shapes), hidden, n_drop)[2]
+
+
 def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_params=None) -> dict[str, MemoryEstimate]:
     """Peak memory of ``recipe`` in both pipelines. ``plans``: gqaprune.plan.simulate's output (shapes before
     and after each stage); ``layer_params(shape) -> int`` counts one decoder layer's parameters (default: from
@@ -170,13 +179,7 @@ def estimate(recipe, config, adapter: Adapter, plans, dtype_bytes: int, layer_pa
         return batch_tokens * (4 * hidden + 2 * widest) * b + batch_tokens * heads * cal.seq_len * b \
             + (logit_tokens * vocab * 4 * LOGIT_COPIES if logits else 0)
 
-    corrections = 0  # layer-wise: the layer-drop corrections, held from the repair sweep to the end
-    first = recipe.stages[0] if recipe.stages else None
-    if first is not None and first.type == "layer_drop" and first.reconstruct == "least_squares":
-        n_layers = len(source.per_layer)
-        n_drop = first.num_layers if first.num_layers is not None else max(1, round(first.fraction * n_layers))
-        inter = max(s["intermediate_size"] for s in source.per_layer)
-        corrections = _drop_repair(inter, hidden, n_drop)[2]
+    corrections = _held_corrections(recipe, source.per_layer, hidden)  # layer-wise, repair sweep to the end
     # the ends of a layer-wise run: embeddings (start) or final norm + lm_head (end), never with a decoder layer
     embed = vocab * hidden
     head = non_layer - (0 if getattr(config, "tie_word_embeddings", False) else embed)

@@ -37,6 +37,18 @@ def median_time(fn, repeats: int = 3, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def rss_mb() -> float:
+    """This process's resident set size now, in MiB (VmRSS; the peak so far where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
 def peak_rss_mb() -> float:
     import resource
 

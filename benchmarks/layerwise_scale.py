@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS
+from benchmarks.common import RESULTS, rss_mb
 
 SHAPES = {
     "small": dict(num_hidden_layers=8, hidden_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
@@ -133,17 +133,12 @@ class PeakWatch:
         self._main, self._stop = threading.main_thread().ident, threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-
     def _loop(self) -> None:
         import traceback
 
         start, last_t = time.perf_counter(), -1
         while not self._stop.wait(self.every):
-            rss, now = self._rss(), time.perf_counter() - start
+            rss, now = int(rss_mb() * 2**20), time.perf_counter() - start
             if int(now) // 10 != last_t:  # one timeline point per 10 s
                 last_t = int(now) // 10
                 self.timeline.append([round(now, 1), round(rss / 2**30, 3)])

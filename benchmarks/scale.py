@@ -33,7 +33,7 @@ from contextlib import contextmanager
 import torch
 import transformers as tf
 
-from benchmarks.common import RESULTS, context, table, write_result
+from benchmarks.common import RESULTS, context, rss_mb, table, write_result
 
 SHAPE = dict(num_hidden_layers=22, hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=64,
              intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)
@@ -50,19 +50,6 @@ def _trim() -> None:
         pass
 
 
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 class Phases:
     """Wall time and peak RSS (sampled every 20 ms by a thread) of named phases."""
 
@@ -75,14 +62,14 @@ class Phases:
 
     def _sample(self):
         while not self._stop:
-            self._peak = max(self._peak, _rss_mb())
+            self._peak = max(self._peak, rss_mb())
             time.sleep(0.02)
 
     @contextmanager
     def phase(self, name: str, **extra):
         gc.collect()
         _trim()
-        start_rss = _rss_mb()
+        start_rss = rss_mb()
         self._peak = start_rss
         t = time.perf_counter()
         row = {"phase": name, **extra}
@@ -91,7 +78,7 @@ class Phases:
         finally:
             row["seconds"] = time.perf_counter() - t
             row["rss_start_mb"] = start_rss
-            row["peak_rss_mb"] = max(self._peak, _rss_mb())
+            row["peak_rss_mb"] = max(self._peak, rss_mb())
             self.rows.append(row)
             print(f"[scale] {name}: {row['seconds']:.1f}s, peak RSS {row['peak_rss_mb'] / 1024:.2f} GB "
                   f"(start {start_rss / 1024:.2f} GB) {extra or ''}", file=sys.stderr, flush=True)
@@ -141,7 +128,7 @@ def _split_stage(phases: Phases, stage_name: str, module, legacy_gram: bool = Fa
             _gram_info(row, stats)
         _trim()
         holder["t_end"] = time.perf_counter()
-        holder["rss_after"] = phases._peak = _rss_mb()  # the surgery + repair phase starts here
+        holder["rss_after"] = phases._peak = rss_mb()  # the surgery + repair phase starts here
         return stats
 
     module.collect_stats = wrapped
@@ -188,7 +175,7 @@ def run(args) -> dict:
             t1 = time.perf_counter()
             # the rest of the stage after its scoring pass: score reading, surgery, least-squares repair
             phases.rows.append({"phase": f"{name}: surgery + repair", "seconds": t1 - holder["t_end"],
-                                "rss_start_mb": holder["rss_after"], "peak_rss_mb": max(phases._peak, _rss_mb())})
+                                "rss_start_mb": holder["rss_after"], "peak_rss_mb": max(phases._peak, rss_mb())})
             print(f"[scale] {name}: surgery + repair {t1 - holder['t_end']:.1f}s", file=sys.stderr, flush=True)
             stage_reports[name] = {"seconds": t1 - t0, "scoring_seconds": rep["scoring_seconds"],
                                    "rel_error_lsq_mean": _mean_err(rep)}

@@ -2,23 +2,16 @@
 
 import pytest
 import torch
-import transformers as tf
 
 from benchmarks.peers.slicegpt import SlicedLlamaLayer, slicegpt_param_count, slicegpt_prune
-from tiny import _COMMON, tiny_inputs, tiny_model
+from tiny import tiny_inputs, tiny_model
 
 
 def _tied_llama():
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(**_COMMON, tie_word_embeddings=True)
-    cfg._attn_implementation = "eager"
-    cfg.architectures = ["LlamaForCausalLM"]
-    model = tf.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and p.dim() == 1:
-                p.uniform_(0.5, 1.5)
-    return model.eval()
+    model = tiny_model("llama")  # untied; tie the head to the embeddings as SmolLM2's are
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = True
+    return model
 
 
 def _calib():
